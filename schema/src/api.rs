@@ -1,0 +1,165 @@
+//! The GraphQL API's input and output types. The resolvers that produce them
+//! live in the gateway; the committed SDL is `schema/meshgate.graphql`.
+
+use async_graphql::{
+    ID, InputObject, InputValueError, InputValueResult, Json, Scalar, ScalarType, SimpleObject,
+    Value,
+};
+use time::Date;
+use time::macros::format_description;
+
+use crate::capabilities::Capabilities;
+use crate::study::{Modality, PatientSex};
+
+/// A calendar date, `YYYY-MM-DD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsoDate(pub Date);
+
+/// A calendar date in ISO 8601 form, `YYYY-MM-DD`.
+#[Scalar(name = "Date")]
+impl ScalarType for IsoDate {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let Value::String(text) = &value else {
+            return Err(InputValueError::expected_type(value));
+        };
+        Date::parse(text, format_description!("[year]-[month]-[day]"))
+            .map(IsoDate)
+            .map_err(|_| InputValueError::custom("expected a date as YYYY-MM-DD"))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(
+            self.0
+                .format(format_description!("[year]-[month]-[day]"))
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// An inclusive range of study dates; leave an end out to leave it open.
+#[derive(InputObject, Debug, Clone, Default)]
+#[graphql(name = "DateRange")]
+pub struct DateRangeInput {
+    pub from: Option<IsoDate>,
+    pub to: Option<IsoDate>,
+}
+
+/// An inclusive range of ages in whole years at the time of the study.
+#[derive(InputObject, Debug, Clone, Default)]
+#[graphql(name = "AgeRange")]
+pub struct AgeRangeInput {
+    pub min: Option<i32>,
+    pub max: Option<i32>,
+}
+
+/// A cohort filter. Every part given must hold; an empty filter matches
+/// every study.
+#[derive(InputObject, Debug, Clone, Default)]
+pub struct StudyFilter {
+    /// The study includes at least one series of one of these modalities.
+    pub modalities: Option<Vec<Modality>>,
+    /// Body Part Examined of at least one series (DICOM defined term, e.g. CHEST).
+    pub body_part: Option<String>,
+    pub study_date: Option<DateRangeInput>,
+    /// Case-insensitive text the study description contains.
+    pub description: Option<String>,
+    pub patient_sex: Option<PatientSex>,
+    /// Patient's age in whole years at the time of the study.
+    pub patient_age: Option<AgeRangeInput>,
+    pub study_instance_uids: Option<Vec<String>>,
+    /// Ask only these partners (by id).
+    pub partners: Option<Vec<ID>>,
+}
+
+/// The kind of store behind a partner's connector.
+#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ConnectorKind {
+    /// A folder of DICOM Part-10 files.
+    Files,
+    /// A DICOMweb (QIDO-RS) service.
+    Dicomweb,
+}
+
+/// How one partner's part of a query ended.
+#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum PartnerOutcome {
+    /// Answered completely.
+    Ok,
+    /// Answered, but the backend's result cap was hit: there may be more.
+    Truncated,
+    /// Did not answer within its deadline.
+    Timeout,
+    /// Could not be reached.
+    Unavailable,
+    /// Answered with an error.
+    Error,
+}
+
+/// One partner's part in a query.
+#[derive(SimpleObject, Debug, Clone, PartialEq)]
+pub struct PartnerStatus {
+    pub partner: ID,
+    pub status: PartnerOutcome,
+    /// Time spent on this partner, in milliseconds.
+    pub latency_ms: u32,
+    /// Matching studies this partner reported; absent if it did not answer.
+    pub count: Option<u32>,
+    /// A stable code for what went wrong, when something did.
+    pub code: Option<String>,
+    /// What went wrong, for people; never upstream bodies or identifiers.
+    pub message: Option<String>,
+}
+
+/// A study in a result, with its provenance and the full FHIR resource.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(name = "ImagingStudy")]
+pub struct ImagingStudyNode {
+    pub study_instance_uid: String,
+    /// The partner that holds the study.
+    pub partner: ID,
+    pub connector_kind: ConnectorKind,
+    /// Study date and time (FHIR dateTime), when known.
+    pub started: Option<String>,
+    pub modalities: Vec<String>,
+    pub body_parts: Vec<String>,
+    pub description: Option<String>,
+    pub number_of_series: Option<u32>,
+    pub number_of_instances: Option<u32>,
+    /// The study as a FHIR R4 ImagingStudy resource.
+    pub fhir: Json<serde_json::Value>,
+}
+
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct PageInfo {
+    pub has_next_page: bool,
+    /// Pass as `after` to get the next page.
+    pub end_cursor: Option<String>,
+}
+
+/// A page of studies across partners, newest first.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ImagingStudyConnection {
+    pub nodes: Vec<ImagingStudyNode>,
+    pub page_info: PageInfo,
+    /// Matching studies across the partners that answered.
+    pub total_count: u32,
+    pub partners: Vec<PartnerStatus>,
+}
+
+/// How many studies match, in total and per partner.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct CohortCount {
+    pub total: u32,
+    /// True when every partner asked answered completely.
+    pub complete: bool,
+    pub partners: Vec<PartnerStatus>,
+}
+
+/// A partner of the consortium and its connector.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Partner {
+    pub id: ID,
+    pub name: String,
+    pub connector_kind: ConnectorKind,
+    pub capabilities: Capabilities,
+}

@@ -1,0 +1,481 @@
+//! The normalised cohort filter: built once from the GraphQL input,
+//! validated, and then the single value every connector receives.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::Date;
+
+use crate::api::StudyFilter;
+use crate::capabilities::FilterKind;
+use crate::study::{Modality, PatientSex, Study};
+
+/// Most study UIDs one filter may name.
+pub const MAX_STUDY_UIDS: usize = 1000;
+/// Longest description needle.
+pub const MAX_DESCRIPTION_LEN: usize = 64;
+
+/// An inclusive range of study dates; either end may be open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DateRange {
+    pub from: Option<Date>,
+    pub to: Option<Date>,
+}
+
+impl DateRange {
+    pub fn contains(&self, date: Date) -> bool {
+        self.from.is_none_or(|from| date >= from) && self.to.is_none_or(|to| date <= to)
+    }
+}
+
+/// An inclusive range of ages in whole years; either end may be open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AgeRange {
+    pub min: Option<u16>,
+    pub max: Option<u16>,
+}
+
+impl AgeRange {
+    pub fn contains(&self, age: u16) -> bool {
+        self.min.is_none_or(|min| age >= min) && self.max.is_none_or(|max| age <= max)
+    }
+}
+
+/// A validated, normalised cohort filter. Every part that is set must hold
+/// for a study to match; an empty filter matches every study.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct StudyQuery {
+    /// The study has at least one of these modalities (empty: any).
+    pub modalities: BTreeSet<Modality>,
+    /// Body Part Examined of at least one series, upper case.
+    pub body_part: Option<String>,
+    pub study_date: Option<DateRange>,
+    /// Case-insensitive substring of the study description, lower case.
+    pub description: Option<String>,
+    pub patient_sex: Option<PatientSex>,
+    /// Age at the time of the study.
+    pub patient_age: Option<AgeRange>,
+    pub study_uids: BTreeSet<String>,
+    /// Partner ids to ask (empty: all). Resolved by the gateway, not connectors.
+    pub partners: BTreeSet<String>,
+}
+
+/// Why a filter was refused. Each maps to the stable code `INVALID_FILTER`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("studyDate.from ({from}) is after studyDate.to ({to})")]
+    InvertedDateRange { from: Date, to: Date },
+    #[error("patientAge.min ({min}) is greater than patientAge.max ({max})")]
+    InvertedAgeRange { min: i32, max: i32 },
+    #[error("patientAge bounds must be between 0 and 150, got {0}")]
+    AgeOutOfRange(i32),
+    #[error("bodyPart must be 1 to 16 characters of A-Z, 0-9, space or underscore")]
+    InvalidBodyPart,
+    #[error("description must be 1 to {MAX_DESCRIPTION_LEN} characters")]
+    InvalidDescription,
+    #[error("studyInstanceUids contains a value that is not a DICOM UID")]
+    InvalidUid,
+    #[error("studyInstanceUids names more than {MAX_STUDY_UIDS} studies")]
+    TooManyUids,
+    #[error("unknown partner '{0}'")]
+    UnknownPartner(String),
+}
+
+impl QueryError {
+    /// The stable `extensions.code` of every filter error.
+    pub const CODE: &'static str = "INVALID_FILTER";
+}
+
+impl TryFrom<StudyFilter> for StudyQuery {
+    type Error = QueryError;
+
+    fn try_from(filter: StudyFilter) -> Result<StudyQuery, QueryError> {
+        let study_date = match filter.study_date {
+            None => None,
+            Some(range) => {
+                let (from, to) = (range.from.map(|d| d.0), range.to.map(|d| d.0));
+                if let (Some(from), Some(to)) = (from, to)
+                    && from > to
+                {
+                    return Err(QueryError::InvertedDateRange { from, to });
+                }
+                Some(DateRange { from, to }).filter(|r| r.from.is_some() || r.to.is_some())
+            }
+        };
+        let patient_age = match filter.patient_age {
+            None => None,
+            Some(range) => {
+                let bound = |value: Option<i32>| -> Result<Option<u16>, QueryError> {
+                    value
+                        .map(|v| {
+                            u16::try_from(v)
+                                .ok()
+                                .filter(|v| *v <= 150)
+                                .ok_or(QueryError::AgeOutOfRange(v))
+                        })
+                        .transpose()
+                };
+                if let (Some(min), Some(max)) = (range.min, range.max)
+                    && min > max
+                {
+                    return Err(QueryError::InvertedAgeRange { min, max });
+                }
+                Some(AgeRange {
+                    min: bound(range.min)?,
+                    max: bound(range.max)?,
+                })
+                .filter(|r| r.min.is_some() || r.max.is_some())
+            }
+        };
+        let body_part = filter
+            .body_part
+            .map(|part| {
+                let part = part.trim().to_ascii_uppercase();
+                let valid = !part.is_empty()
+                    && part.len() <= 16
+                    && part.chars().all(|c| {
+                        c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '_'
+                    });
+                if valid {
+                    Ok(part)
+                } else {
+                    Err(QueryError::InvalidBodyPart)
+                }
+            })
+            .transpose()?;
+        let description = filter
+            .description
+            .map(|text| {
+                let text = text.trim().to_lowercase();
+                if text.is_empty()
+                    || text.chars().count() > MAX_DESCRIPTION_LEN
+                    || text.chars().any(char::is_control)
+                {
+                    Err(QueryError::InvalidDescription)
+                } else {
+                    Ok(text)
+                }
+            })
+            .transpose()?;
+        let study_uids: BTreeSet<String> = filter
+            .study_instance_uids
+            .unwrap_or_default()
+            .into_iter()
+            .map(|uid| uid.trim().to_owned())
+            .collect();
+        if study_uids.len() > MAX_STUDY_UIDS {
+            return Err(QueryError::TooManyUids);
+        }
+        if !study_uids.iter().all(|uid| is_dicom_uid(uid)) {
+            return Err(QueryError::InvalidUid);
+        }
+        Ok(StudyQuery {
+            modalities: filter.modalities.unwrap_or_default().into_iter().collect(),
+            body_part,
+            study_date,
+            description,
+            patient_sex: filter.patient_sex,
+            patient_age,
+            study_uids,
+            partners: filter
+                .partners
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| id.to_string())
+                .collect(),
+        })
+    }
+}
+
+/// A DICOM UID: 1 to 64 characters, dot-separated numeric components
+/// without leading zeros.
+pub fn is_dicom_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.split('.').all(|part| {
+            !part.is_empty()
+                && part.chars().all(|c| c.is_ascii_digit())
+                && (part == "0" || !part.starts_with('0'))
+        })
+}
+
+impl StudyQuery {
+    /// The filter kinds this query uses.
+    pub fn filters_used(&self) -> BTreeSet<FilterKind> {
+        let mut used = BTreeSet::new();
+        let mut add = |set: bool, kind| {
+            if set {
+                used.insert(kind);
+            }
+        };
+        add(!self.modalities.is_empty(), FilterKind::Modality);
+        add(self.body_part.is_some(), FilterKind::BodyPart);
+        add(self.study_date.is_some(), FilterKind::StudyDate);
+        add(self.description.is_some(), FilterKind::Description);
+        add(self.patient_sex.is_some(), FilterKind::PatientSex);
+        add(self.patient_age.is_some(), FilterKind::PatientAge);
+        add(!self.study_uids.is_empty(), FilterKind::StudyUid);
+        used
+    }
+
+    /// Whether `study` satisfies every part of the filter.
+    pub fn matches(&self, study: &Study) -> bool {
+        self.matches_on(study, &self.filters_used())
+    }
+
+    /// Whether `study` satisfies the named parts of the filter; connectors
+    /// use this for what their backend could not filter itself.
+    pub fn matches_on(&self, study: &Study, kinds: &BTreeSet<FilterKind>) -> bool {
+        kinds.iter().all(|kind| match kind {
+            FilterKind::Modality => study
+                .modalities
+                .iter()
+                .filter_map(|code| Modality::from_code(code))
+                .any(|m| self.modalities.contains(&m)),
+            FilterKind::BodyPart => self
+                .body_part
+                .as_ref()
+                .is_none_or(|part| study.body_parts.iter().any(|p| p == part)),
+            FilterKind::StudyDate => self
+                .study_date
+                .is_none_or(|range| study.date.is_some_and(|d| range.contains(d))),
+            FilterKind::Description => self.description.as_ref().is_none_or(|needle| {
+                study
+                    .description
+                    .as_ref()
+                    .is_some_and(|d| d.to_lowercase().contains(needle.as_str()))
+            }),
+            FilterKind::PatientSex => self
+                .patient_sex
+                .is_none_or(|sex| study.patient_sex == Some(sex)),
+            FilterKind::PatientAge => self
+                .patient_age
+                .is_none_or(|range| study.age_at_study().is_some_and(|a| range.contains(a))),
+            FilterKind::StudyUid => self.study_uids.contains(&study.uid),
+        })
+    }
+
+    /// A stable digest of the normalised filter: equal filters, equal digest.
+    /// It names no values, so it is safe in logs and cursors.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&canonical);
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AgeRangeInput, DateRangeInput, IsoDate};
+    use time::macros::date;
+
+    fn ct_chest_2019() -> Study {
+        Study {
+            uid: "1.2.3".into(),
+            modalities: vec!["CT".into(), "SR".into()],
+            body_parts: vec!["CHEST".into()],
+            date: Some(date!(2019 - 06 - 01)),
+            description: Some("CT Thorax with contrast".into()),
+            patient_sex: Some(PatientSex::Female),
+            patient_birth_date: Some(date!(1960 - 06 - 02)),
+            ..Study::default()
+        }
+    }
+
+    fn query(filter: StudyFilter) -> StudyQuery {
+        StudyQuery::try_from(filter).unwrap()
+    }
+
+    #[test]
+    fn each_filter_part_matches_and_rejects() {
+        let study = ct_chest_2019();
+        let cases: Vec<(StudyFilter, bool)> = vec![
+            (StudyFilter::default(), true),
+            (
+                StudyFilter {
+                    modalities: Some(vec![Modality::Mr, Modality::Ct]),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    modalities: Some(vec![Modality::Mr]),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                StudyFilter {
+                    body_part: Some("chest".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    body_part: Some("HEAD".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                StudyFilter {
+                    description: Some("THORAX".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    description: Some("abdomen".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                StudyFilter {
+                    patient_sex: Some(PatientSex::Female),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    patient_sex: Some(PatientSex::Male),
+                    ..Default::default()
+                },
+                false,
+            ),
+            // Born 1960-06-02, studied 2019-06-01: 58 years old.
+            (
+                StudyFilter {
+                    patient_age: Some(AgeRangeInput {
+                        min: Some(58),
+                        max: Some(58),
+                    }),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    patient_age: Some(AgeRangeInput {
+                        min: Some(59),
+                        max: None,
+                    }),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                StudyFilter {
+                    study_date: Some(DateRangeInput {
+                        from: Some(IsoDate(date!(2019 - 06 - 01))),
+                        to: Some(IsoDate(date!(2019 - 06 - 01))),
+                    }),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    study_date: Some(DateRangeInput {
+                        from: Some(IsoDate(date!(2019 - 06 - 02))),
+                        to: None,
+                    }),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                StudyFilter {
+                    study_instance_uids: Some(vec!["1.2.3".into()]),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                StudyFilter {
+                    study_instance_uids: Some(vec!["1.2.4".into()]),
+                    ..Default::default()
+                },
+                false,
+            ),
+        ];
+        for (filter, expected) in cases {
+            let label = format!("{filter:?}");
+            assert_eq!(query(filter).matches(&study), expected, "{label}");
+        }
+    }
+
+    #[test]
+    fn invalid_filters_are_refused_with_a_reason() {
+        let cases: Vec<StudyFilter> = vec![
+            StudyFilter {
+                study_date: Some(DateRangeInput {
+                    from: Some(IsoDate(date!(2022 - 01 - 01))),
+                    to: Some(IsoDate(date!(2018 - 01 - 01))),
+                }),
+                ..Default::default()
+            },
+            StudyFilter {
+                patient_age: Some(AgeRangeInput {
+                    min: Some(70),
+                    max: Some(50),
+                }),
+                ..Default::default()
+            },
+            StudyFilter {
+                patient_age: Some(AgeRangeInput {
+                    min: Some(-1),
+                    max: None,
+                }),
+                ..Default::default()
+            },
+            StudyFilter {
+                body_part: Some("CHEST*".into()),
+                ..Default::default()
+            },
+            StudyFilter {
+                body_part: Some("".into()),
+                ..Default::default()
+            },
+            StudyFilter {
+                description: Some("   ".into()),
+                ..Default::default()
+            },
+            StudyFilter {
+                study_instance_uids: Some(vec!["1.2.03".into()]),
+                ..Default::default()
+            },
+            StudyFilter {
+                study_instance_uids: Some(vec!["1.2.3*".into()]),
+                ..Default::default()
+            },
+        ];
+        for filter in cases {
+            assert!(StudyQuery::try_from(filter.clone()).is_err(), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn equal_filters_share_a_fingerprint_and_different_ones_do_not() {
+        let a = query(StudyFilter {
+            modalities: Some(vec![Modality::Ct, Modality::Mr]),
+            ..Default::default()
+        });
+        let b = query(StudyFilter {
+            modalities: Some(vec![Modality::Mr, Modality::Ct, Modality::Ct]),
+            ..Default::default()
+        });
+        let c = query(StudyFilter {
+            modalities: Some(vec![Modality::Ct]),
+            ..Default::default()
+        });
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}
