@@ -62,7 +62,10 @@ impl DicomAttributes for Dataset<'_> {
         match element.to_multi_str() {
             Ok(values) => values
                 .iter()
-                .map(|v| v.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_owned())
+                .map(|v| {
+                    v.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                        .to_owned()
+                })
                 .filter(|v| !v.is_empty())
                 .collect(),
             Err(_) => Vec::new(),
@@ -73,7 +76,10 @@ impl DicomAttributes for Dataset<'_> {
 impl FilesConnector {
     /// Indexes `root` and keeps the index fresh every `rescan_interval`.
     /// Fails if the folder cannot be read at all.
-    pub async fn open(root: PathBuf, rescan_interval: Duration) -> Result<FilesConnector, ConnectorError> {
+    pub async fn open(
+        root: PathBuf,
+        rescan_interval: Duration,
+    ) -> Result<FilesConnector, ConnectorError> {
         let empty = Arc::new(FolderIndex {
             root: root.clone(),
             ..FolderIndex::default()
@@ -150,7 +156,10 @@ impl FolderIndex {
             files.insert(path, entry);
         }
         if unreadable > 0 {
-            tracing::warn!(unreadable, "files in a files partner's folder are not readable DICOM");
+            tracing::warn!(
+                unreadable,
+                "files in a files partner's folder are not readable DICOM"
+            );
         }
         let mut index = FolderIndex {
             root: previous.root.clone(),
@@ -162,7 +171,8 @@ impl FolderIndex {
     }
 
     fn build_studies(&mut self) {
-        let mut studies: BTreeMap<&str, (&Study, BTreeMap<&str, (&Series, Vec<Instance>)>)> = BTreeMap::new();
+        let mut studies: BTreeMap<&str, (&Study, BTreeMap<&str, (&Series, Vec<Instance>)>)> =
+            BTreeMap::new();
         for header in self.files.values().filter_map(|f| f.content.as_deref()) {
             let (_, series) = studies
                 .entry(header.study.uid.as_str())
@@ -218,7 +228,10 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) -> std::i
 }
 
 fn read_header(path: &Path) -> Option<FileHeader> {
-    let object = OpenFileOptions::new().read_until(PIXEL_DATA).open_file(path).ok()?;
+    let object = OpenFileOptions::new()
+        .read_until(PIXEL_DATA)
+        .open_file(path)
+        .ok()?;
     let dataset = &Dataset(&object);
     let mut study = Study::from_attributes(dataset)?;
     let mut series = Series::from_attributes(dataset)?;
@@ -227,7 +240,11 @@ fn read_header(path: &Path) -> Option<FileHeader> {
         study.modalities = series.modality.iter().cloned().collect();
     }
     series.number_of_instances = None;
-    Some(FileHeader { study, series, instance })
+    Some(FileHeader {
+        study,
+        series,
+        instance,
+    })
 }
 
 #[async_trait]
@@ -265,7 +282,11 @@ impl Connector for FilesConnector {
     async fn load_series(&self, studies: &mut [Study]) -> Result<(), ConnectorError> {
         let index = self.snapshot();
         for study in studies {
-            if let Some(found) = index.by_uid.get(&study.uid).and_then(|i| index.studies.get(*i)) {
+            if let Some(found) = index
+                .by_uid
+                .get(&study.uid)
+                .and_then(|i| index.studies.get(*i))
+            {
                 study.clone_from(found);
             }
         }

@@ -1,1 +1,2 @@
-//! placeholder
+//! The meshgate gateway: placeholder while the modules land.
+pub mod synth;

@@ -1,6 +1,7 @@
 //! A study as every connector reports it: study-level attributes, and its
 //! series and instances once they have been fetched.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -288,6 +289,31 @@ impl Series {
             instances: Vec::new(),
         })
     }
+}
+
+/// Groups instance rows under their series rows (QIDO-RS series- and
+/// instance-level answers for one study) by Series Instance UID.
+pub fn assemble_series<A: DicomAttributes>(series_rows: &[A], instance_rows: &[A]) -> Vec<Series> {
+    let mut instances: HashMap<String, Vec<Instance>> = HashMap::new();
+    for row in instance_rows {
+        if let (Some(series_uid), Some(instance)) = (
+            row.text(tags::SERIES_INSTANCE_UID),
+            Instance::from_attributes(row),
+        ) {
+            instances.entry(series_uid).or_default().push(instance);
+        }
+    }
+    series_rows
+        .iter()
+        .filter_map(Series::from_attributes)
+        .map(|mut series| {
+            series.instances = instances.remove(&series.uid).unwrap_or_default();
+            if series.number_of_instances.is_none() {
+                series.number_of_instances = u32::try_from(series.instances.len()).ok();
+            }
+            series
+        })
+        .collect()
 }
 
 impl Instance {

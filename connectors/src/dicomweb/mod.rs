@@ -8,14 +8,15 @@
 
 mod profile;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt, stream};
 use meshgate_schema::dicom::{DicomAttributes, format_date, tags};
+use meshgate_schema::study::assemble_series;
 use meshgate_schema::{
-    Capabilities, ConnectorKind, FilterKind, Instance, PagingStyle, Series, Study, StudyQuery,
+    Capabilities, ConnectorKind, FilterKind, PagingStyle, Series, Study, StudyQuery,
 };
 use reqwest::{StatusCode, Url};
 use serde_json::{Map, Value};
@@ -30,8 +31,13 @@ type DicomJson = Map<String, Value>;
 pub enum Auth {
     #[default]
     None,
-    Basic { username: String, password: Secret },
-    Bearer { token: Secret },
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    Bearer {
+        token: Secret,
+    },
 }
 
 /// Everything a DICOMweb connector needs to know about its partner.
@@ -58,6 +64,7 @@ pub struct DicomWebConnector {
 /// The study-level attributes asked for beyond the QIDO-RS defaults.
 const STUDY_FIELDS: &[meshgate_schema::dicom::Tag] = &[
     tags::STUDY_DESCRIPTION,
+    tags::PATIENT_AGE,
     tags::PATIENT_BIRTH_DATE,
     tags::PATIENT_SEX,
     tags::NUMBER_OF_STUDY_RELATED_SERIES,
@@ -188,49 +195,72 @@ impl DicomWebConnector {
             text.push('=');
             text.push_str(&self.settings.profile.encode_value(value));
         }
-        Url::parse(&text).map_err(|_| ConnectorError::Config("the DICOMweb URL is not valid".into()))
+        Url::parse(&text)
+            .map_err(|_| ConnectorError::Config("the DICOMweb URL is not valid".into()))
     }
 
-    /// The study-level parameters for what this backend filters natively;
-    /// returns them with the filter kinds left for the connector to apply.
+    /// The study-level parameters for what this backend filters natively,
+    /// and the filter kinds the connector must check itself. Pushed-down
+    /// filters are checked again locally where the returned attributes allow
+    /// it (cheap, and it guards against lenient backend matching); body part
+    /// is answered exactly by [`Self::studies_with_body_part`].
     fn study_params(&self, query: &StudyQuery) -> (Vec<(String, String)>, BTreeSet<FilterKind>) {
         let profile = self.settings.profile;
         let mut params = vec![("includefield".to_owned(), include_fields(STUDY_FIELDS))];
         let mut residual = query.filters_used();
-        residual.remove(&FilterKind::BodyPart); // answered by a series-level search
+        residual.remove(&FilterKind::BodyPart);
         if let Some(range) = query.study_date {
             let from = range.from.map(format_date).unwrap_or_default();
             let to = range.to.map(format_date).unwrap_or_default();
             params.push(("StudyDate".into(), format!("{from}-{to}")));
-            residual.remove(&FilterKind::StudyDate);
         }
         if let Some(sex) = query.patient_sex {
             params.push(("PatientSex".into(), sex.code().into()));
-            residual.remove(&FilterKind::PatientSex);
         }
-        if !query.modalities.is_empty()
-            && (query.modalities.len() == 1 || profile.modality_lists())
+        if !query.modalities.is_empty() && (query.modalities.len() == 1 || profile.modality_lists())
         {
             let list: Vec<&str> = query.modalities.iter().map(|m| m.code()).collect();
             params.push(("ModalitiesInStudy".into(), list.join(",")));
-            residual.remove(&FilterKind::Modality);
         }
         if !query.study_uids.is_empty() && query.study_uids.len() <= MAX_UIDS_IN_URL {
             let list: Vec<&str> = query.study_uids.iter().map(String::as_str).collect();
             params.push(("StudyInstanceUID".into(), list.join(",")));
-            residual.remove(&FilterKind::StudyUid);
+        }
+        if let Some(needle) = &query.description
+            && let Some(pattern) = profile.contains_pattern(needle)
+        {
+            params.push(("StudyDescription".into(), pattern));
         }
         (params, residual)
     }
 
-    /// The UIDs of studies with a series of this body part.
-    async fn studies_with_body_part(&self, part: &str) -> Result<(HashSet<String>, bool), ConnectorError> {
+    /// The UIDs of studies with a series of exactly this body part.
+    async fn studies_with_body_part(
+        &self,
+        part: &str,
+    ) -> Result<(HashSet<String>, bool), ConnectorError> {
         let params = vec![
-            ("BodyPartExamined".to_owned(), part.to_owned()),
-            ("includefield".to_owned(), include_fields(&[tags::STUDY_INSTANCE_UID])),
+            (
+                "BodyPartExamined".to_owned(),
+                self.settings.profile.exact_pattern(part),
+            ),
+            (
+                "includefield".to_owned(),
+                include_fields(&[tags::STUDY_INSTANCE_UID, tags::BODY_PART_EXAMINED]),
+            ),
         ];
-        let (rows, truncated) = self.search_all("series", &params, tags::SERIES_INSTANCE_UID).await?;
-        Ok((rows.iter().filter_map(|row| row.text(tags::STUDY_INSTANCE_UID)).collect(), truncated))
+        let (rows, truncated) = self
+            .search_all("series", &params, tags::SERIES_INSTANCE_UID)
+            .await?;
+        let studies = rows
+            .iter()
+            .filter(|row| {
+                row.text(tags::BODY_PART_EXAMINED)
+                    .is_some_and(|found| found.eq_ignore_ascii_case(part))
+            })
+            .filter_map(|row| row.text(tags::STUDY_INSTANCE_UID))
+            .collect();
+        Ok((studies, truncated))
     }
 
     async fn series_of(&self, study_uid: &str) -> Result<Vec<Series>, ConnectorError> {
@@ -242,25 +272,7 @@ impl DicomWebConnector {
             self.search_all(&series_path, &series_params, tags::SERIES_INSTANCE_UID),
             self.search_all(&instances_path, &instance_params, tags::SOP_INSTANCE_UID),
         )?;
-        let mut instances: HashMap<String, Vec<Instance>> = HashMap::new();
-        for row in &instance_rows {
-            if let (Some(series_uid), Some(instance)) =
-                (row.text(tags::SERIES_INSTANCE_UID), Instance::from_attributes(row))
-            {
-                instances.entry(series_uid).or_default().push(instance);
-            }
-        }
-        Ok(series_rows
-            .iter()
-            .filter_map(Series::from_attributes)
-            .map(|mut series| {
-                series.instances = instances.remove(&series.uid).unwrap_or_default();
-                if series.number_of_instances.is_none() {
-                    series.number_of_instances = u32::try_from(series.instances.len()).ok();
-                }
-                series
-            })
-            .collect())
+        Ok(assemble_series(&series_rows, &instance_rows))
     }
 }
 
@@ -277,8 +289,12 @@ impl Connector for DicomWebConnector {
             FilterKind::StudyUid,
             FilterKind::BodyPart,
         ];
-        if self.settings.profile.modality_lists() {
+        let profile = self.settings.profile;
+        if profile.modality_lists() {
             native_filters.push(FilterKind::Modality);
+        }
+        if profile.contains_pattern("x").is_some() {
+            native_filters.push(FilterKind::Description);
         }
         native_filters.sort();
         Capabilities {
@@ -321,10 +337,13 @@ impl Connector for DicomWebConnector {
 
     async fn load_series(&self, studies: &mut [Study]) -> Result<(), ConnectorError> {
         let uids: Vec<String> = studies.iter().map(|study| study.uid.clone()).collect();
-        let loaded: Vec<Vec<Series>> = stream::iter(uids.into_iter().map(|uid| async move { self.series_of(&uid).await }))
-            .buffered(self.settings.detail_concurrency.max(1))
-            .try_collect()
-            .await?;
+        let loaded: Vec<Vec<Series>> = stream::iter(
+            uids.into_iter()
+                .map(|uid| async move { self.series_of(&uid).await }),
+        )
+        .buffered(self.settings.detail_concurrency.max(1))
+        .try_collect()
+        .await?;
         for (study, series) in studies.iter_mut().zip(loaded) {
             study.set_series(series);
         }
@@ -333,7 +352,11 @@ impl Connector for DicomWebConnector {
 }
 
 fn include_fields(fields: &[meshgate_schema::dicom::Tag]) -> String {
-    fields.iter().map(|tag| tag.json_key()).collect::<Vec<_>>().join(",")
+    fields
+        .iter()
+        .map(|tag| tag.json_key())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Transport failures, described without the URL (it carries query values).

@@ -9,9 +9,9 @@ pub enum Profile {
     /// Any QIDO-RS service that follows PS3.18: query values percent-encoded.
     #[default]
     Generic,
-    /// Orthanc with its DICOMweb plugin. It does not percent-decode query
-    /// values, so `^` and spaces go raw, and it matches comma-separated
-    /// lists of Modalities in Study.
+    /// Orthanc with its DICOMweb plugin: it does not percent-decode query
+    /// values, matches wildcards case-insensitively and matches
+    /// comma-separated lists of Modalities in Study.
     Orthanc,
 }
 
@@ -40,8 +40,30 @@ impl Profile {
         matches!(self, Profile::Orthanc)
     }
 
-    /// Encodes one query value for the URL. Commas stay raw everywhere: QIDO-RS
-    /// uses them to separate list values.
+    /// A QIDO-RS value matching text that contains `needle`, when this
+    /// backend matches wildcards case-insensitively (DICOM leaves that to
+    /// the implementation; Orthanc does, most others do not).
+    pub fn contains_pattern(self, needle: &str) -> Option<String> {
+        match self {
+            Profile::Orthanc => Some(format!("*{}*", self.exact_pattern(needle))),
+            Profile::Generic => None,
+        }
+    }
+
+    /// A QIDO-RS value matching `value` exactly, as far as this backend can
+    /// be told: Orthanc cannot receive a space in a query value (it does not
+    /// decode `%20` or `+`), so there a space becomes the one-character
+    /// wildcard `?` and the caller checks the returned value exactly.
+    pub fn exact_pattern(self, value: &str) -> String {
+        match self {
+            Profile::Orthanc => value.replace(' ', "?"),
+            Profile::Generic => value.to_owned(),
+        }
+    }
+
+    /// Encodes one query value for the URL. Commas stay raw everywhere:
+    /// QIDO-RS uses them to separate list values. Orthanc does not
+    /// percent-decode query values, so `^` goes raw there.
     pub fn encode_value(self, value: &str) -> String {
         let mut out = String::with_capacity(value.len());
         for byte in value.bytes() {
@@ -50,10 +72,6 @@ impl Profile {
                 || (self == Profile::Orthanc && byte == b'^');
             if raw {
                 out.push(char::from(byte));
-            } else if self == Profile::Orthanc && byte == b' ' {
-                // Orthanc reads `%20` literally; a space must reach it as one,
-                // which a URL can only carry as `+` — which it does decode.
-                out.push('+');
             } else {
                 out.push_str(&format!("%{byte:02X}"));
             }
@@ -73,5 +91,17 @@ mod tests {
         assert_eq!(Profile::Generic.encode_value("1.2.3,1.2.4"), "1.2.3,1.2.4");
         assert_eq!(Profile::Generic.encode_value("a&b=c"), "a%26b%3Dc");
         assert_eq!(Profile::Orthanc.encode_value("a&b"), "a%26b");
+    }
+
+    #[test]
+    fn orthanc_gets_spaces_as_single_character_wildcards() {
+        assert_eq!(Profile::Orthanc.exact_pattern("LEFT KNEE"), "LEFT?KNEE");
+        assert_eq!(
+            Profile::Orthanc
+                .contains_pattern("with contrast")
+                .as_deref(),
+            Some("*with?contrast*")
+        );
+        assert_eq!(Profile::Generic.contains_pattern("chest"), None);
     }
 }
