@@ -18,11 +18,12 @@ use meshgate_schema::study::assemble_series;
 use meshgate_schema::{
     Capabilities, ConnectorKind, FilterKind, PagingStyle, Series, Study, StudyQuery,
 };
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
 use crate::{Connector, ConnectorError, SearchOutcome, Secret};
 pub use profile::Profile;
+pub use reqwest::Url;
 
 type DicomJson = Map<String, Value>;
 

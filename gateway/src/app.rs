@@ -1,0 +1,312 @@
+//! The HTTP face of the gateway: `POST /graphql`, GraphiQL on
+//! `GET /graphql`, `/healthz`. Testable in memory (`build_app` → `Router`)
+//! and on a real socket (`run(listener, app, shutdown)`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::http::GraphiQLSource;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings};
+use meshgate_connectors::files::FilesConnector;
+use meshgate_connectors::{Connector, ConnectorError};
+use meshgate_schema::fhir::MappingOptions;
+use rand::Rng;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::{AuthConfig, ConnectorConfig, LoadedConfig, parse_utc_offset};
+use crate::federation::{Federation, Partner};
+use crate::graphql::{MeshgateSchema, schema};
+use crate::request::{AuditRecord, AuditSink, LogAuditSink, RequestContext};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+#[derive(Clone)]
+struct AppState {
+    schema: MeshgateSchema,
+    audit: Arc<dyn AuditSink>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("partner '{partner}': {source}")]
+    Connector {
+        partner: String,
+        source: ConnectorError,
+    },
+}
+
+/// Builds every partner's connector as configured.
+pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError> {
+    let mut partners = Vec::with_capacity(loaded.config.partners.len());
+    for (index, partner) in loaded.config.partners.iter().enumerate() {
+        let id = partner.id.get_ref().clone();
+        let failed = |source| StartError::Connector {
+            partner: id.clone(),
+            source,
+        };
+        let connector: Arc<dyn Connector> = match &partner.connector {
+            ConnectorConfig::Files {
+                path,
+                rescan_interval_ms,
+            } => Arc::new(
+                FilesConnector::open(
+                    path.clone(),
+                    Duration::from_millis((*rescan_interval_ms).max(100)),
+                )
+                .await
+                .map_err(failed)?,
+            ),
+            ConnectorConfig::Dicomweb {
+                url,
+                profile,
+                page_size,
+                auth,
+            } => {
+                let base_url = meshgate_connectors::dicomweb::Url::parse(url.get_ref())
+                    .map_err(|_| failed(ConnectorError::Config("url is not valid".into())))?;
+                let secret = loaded.secrets.for_partner(index).cloned();
+                let auth = match (auth, secret) {
+                    (AuthConfig::None, _) => Auth::None,
+                    (AuthConfig::Basic { username, .. }, Some(password)) => Auth::Basic {
+                        username: username.clone(),
+                        password,
+                    },
+                    (AuthConfig::Bearer { .. }, Some(token)) => Auth::Bearer { token },
+                    _ => return Err(failed(ConnectorError::Config("credential missing".into()))),
+                };
+                Arc::new(
+                    DicomWebConnector::new(DicomWebSettings {
+                        base_url,
+                        profile: *profile,
+                        auth,
+                        page_size: *page_size,
+                        detail_concurrency: 8,
+                    })
+                    .map_err(failed)?,
+                )
+            }
+        };
+        partners.push(Partner {
+            id,
+            name: partner.name.clone(),
+            connector,
+            deadline: partner.deadline(),
+            mapping: MappingOptions {
+                utc_offset: partner
+                    .utc_offset
+                    .as_ref()
+                    .and_then(|o| parse_utc_offset(o.get_ref())),
+            },
+        });
+    }
+    Ok(Federation::new(partners))
+}
+
+/// The gateway's routes over a federation.
+pub fn build_app(federation: Federation) -> Router {
+    build_app_with_audit(federation, Arc::new(LogAuditSink))
+}
+
+/// The gateway's routes, with the audit sink chosen by the caller.
+pub fn build_app_with_audit(federation: Federation, audit: Arc<dyn AuditSink>) -> Router {
+    let state = AppState {
+        schema: schema(federation),
+        audit,
+    };
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains.
+pub async fn run(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .title("meshgate")
+            .finish(),
+    )
+}
+
+async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let context = RequestContext::new(request_id.clone(), client);
+
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return refuse(
+                &state,
+                &context,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "REQUEST_TOO_LARGE",
+                "the request body is too large",
+            );
+        }
+    };
+    let gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(_) => {
+            return refuse(
+                &state,
+                &context,
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "the body must be one JSON object with a query string, optional variables and operationName",
+            );
+        }
+    };
+    if let Err(error) = async_graphql::parser::parse_query(&gql_request.query) {
+        let message = format!("the query is not valid GraphQL: {error}");
+        return refuse(
+            &state,
+            &context,
+            StatusCode::BAD_REQUEST,
+            "GRAPHQL_PARSE_FAILED",
+            &message,
+        );
+    }
+    let operation = gql_request.operation_name.clone();
+    let mut response = state
+        .schema
+        .execute(gql_request.data(context.clone()))
+        .await;
+
+    // Errors async-graphql raised itself (validation) have no code yet.
+    let validation_failed = response.data == async_graphql::Value::Null;
+    for error in &mut response.errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|e| e.get("code").is_some());
+        if !has_code {
+            let code = if validation_failed {
+                "GRAPHQL_VALIDATION_FAILED"
+            } else {
+                "INTERNAL_SERVER_ERROR"
+            };
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", code);
+        }
+    }
+    let error_codes: Vec<String> = response
+        .errors
+        .iter()
+        .filter_map(|e| {
+            e.extensions
+                .as_ref()
+                .and_then(|x| x.get("code"))
+                .map(|c| c.to_string().trim_matches('"').to_owned())
+        })
+        .collect();
+    let record = AuditRecord {
+        request_id: context.request_id.clone(),
+        client: client.map(|c| c.ip().to_string()),
+        subject: context.principal.as_ref().map(|p| p.subject.clone()),
+        operation,
+        outcome: if response.errors.is_empty() {
+            "success"
+        } else {
+            "failure"
+        },
+        error_codes,
+        accesses: context.accesses(),
+    };
+    if state.audit.record(&record).is_err() {
+        // Fail closed: no data leaves without its audit record.
+        return audit_unavailable(&request_id);
+    }
+    let status = if validation_failed && !response.errors.is_empty() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    json_response(
+        status,
+        &request_id,
+        serde_json::to_value(&response).unwrap_or_default(),
+    )
+}
+
+/// Refuses a request before GraphQL execution, audited like any other.
+fn refuse(
+    state: &AppState,
+    context: &RequestContext,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response {
+    let record = AuditRecord {
+        request_id: context.request_id.clone(),
+        client: context.client.map(|c| c.ip().to_string()),
+        subject: None,
+        operation: None,
+        outcome: "failure",
+        error_codes: vec![code.to_owned()],
+        accesses: Vec::new(),
+    };
+    if state.audit.record(&record).is_err() {
+        return audit_unavailable(&context.request_id);
+    }
+    json_response(
+        status,
+        &context.request_id,
+        json!({"errors": [{"message": message, "extensions": {"code": code}}]}),
+    )
+}
+
+fn audit_unavailable(request_id: &str) -> Response {
+    let mut response = json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        request_id,
+        json!({"errors": [{"message": "the audit log cannot be written; try again later", "extensions": {"code": "AUDIT_UNAVAILABLE"}}]}),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}
+
+fn json_response(status: StatusCode, request_id: &str, body: serde_json::Value) -> Response {
+    let mut response = (status, Body::from(body.to_string())).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", value);
+    }
+    response
+}
