@@ -73,7 +73,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                 page_size,
                 auth,
             } => {
-                let base_url = meshgate_connectors::dicomweb::Url::parse(url.get_ref())
+                let base_url = meshgate_connectors::dicomweb::Url::parse(url)
                     .map_err(|_| failed(ConnectorError::Config("url is not valid".into())))?;
                 let secret = loaded.secrets.for_partner(index).cloned();
                 let auth = match (auth, secret) {

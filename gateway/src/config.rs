@@ -72,7 +72,7 @@ pub enum ConnectorConfig {
     /// A DICOMweb QIDO-RS service.
     Dicomweb {
         /// The DICOMweb base URL, e.g. `http://pacs.example.org/dicom-web/`.
-        url: Spanned<String>,
+        url: String,
         #[serde(default)]
         profile: Profile,
         #[serde(default)]
@@ -105,7 +105,7 @@ pub enum AuthConfig {
 /// [`Config::resolve_secret`]. The referenced value is never stored here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(transparent)]
-pub struct SecretRef(Spanned<String>);
+pub struct SecretRef(String);
 
 /// Where configuration values come from, so tests inject them instead of
 /// mutating the process environment.
@@ -207,7 +207,7 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         let mut secrets = Vec::with_capacity(config.partners.len());
-        for partner in &config.partners {
+        for (index, partner) in config.partners.iter().enumerate() {
             let id = partner.id.get_ref();
             let valid = !id.is_empty()
                 && id.len() <= 64
@@ -242,15 +242,26 @@ impl Config {
                     "utc_offset must look like +01:00 or -05:30".into(),
                 ));
             }
+            // Values inside the tagged connector tables carry no spans through
+            // serde, so their locations come from the document itself.
+            let at = |keys: &[&str]| {
+                let mut path = vec![
+                    Key::Name("partners"),
+                    Key::Index(index),
+                    Key::Name("connector"),
+                ];
+                path.extend(keys.iter().map(|k| Key::Name(k)));
+                span_at(text, &path)
+            };
             let secret = match &partner.connector {
                 ConnectorConfig::Files { .. } => None,
                 ConnectorConfig::Dicomweb { url, auth, .. } => {
-                    let parsed = meshgate_connectors::dicomweb::Url::parse(url.get_ref())
+                    let parsed = meshgate_connectors::dicomweb::Url::parse(url)
                         .ok()
                         .filter(|u| matches!(u.scheme(), "http" | "https"));
                     if parsed.is_none() {
                         return Err(located(
-                            Some(url.span()),
+                            at(&["url"]),
                             "url must be an http:// or https:// URL".into(),
                         ));
                     }
@@ -259,10 +270,13 @@ impl Config {
                         AuthConfig::Basic {
                             password: reference,
                             ..
-                        }
-                        | AuthConfig::Bearer { token: reference } => Some(
+                        } => Some(
                             resolve_secret(reference, env)
-                                .map_err(|message| located(Some(reference.0.span()), message))?,
+                                .map_err(|message| located(at(&["auth", "password"]), message))?,
+                        ),
+                        AuthConfig::Bearer { token: reference } => Some(
+                            resolve_secret(reference, env)
+                                .map_err(|message| located(at(&["auth", "token"]), message))?,
                         ),
                     }
                 }
@@ -278,7 +292,7 @@ impl Config {
 
 /// Expands one `${env:NAME}` or `${file:PATH}` reference.
 fn resolve_secret(reference: &SecretRef, env: &dyn Environment) -> Result<Secret, String> {
-    let text = reference.0.get_ref().trim();
+    let text = reference.0.trim();
     let inner = text
         .strip_prefix("${")
         .and_then(|rest| rest.strip_suffix('}'))
@@ -310,6 +324,26 @@ pub fn parse_utc_offset(text: &str) -> Option<time::UtcOffset> {
         time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]"),
     )
     .ok()
+}
+
+/// One step of a path into a TOML document.
+enum Key<'a> {
+    Name(&'a str),
+    Index(usize),
+}
+
+/// The byte span of the value at `path`, if the document has one there.
+fn span_at(text: &str, path: &[Key<'_>]) -> Option<Range<usize>> {
+    let document = toml_edit::ImDocument::parse(text).ok()?;
+    let mut item: &toml_edit::Item = document.as_item();
+    for key in path {
+        item = match key {
+            Key::Name(name) => item.get(*name)?,
+            Key::Index(index) => item.get(*index)?,
+        };
+    }
+    item.span()
+        .or_else(|| item.as_value().and_then(toml_edit::Value::span))
 }
 
 fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
@@ -383,38 +417,39 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
         let cases = [
             (
                 GOOD.replace("deadline_ms = 1500", "deadline_ms = 1500\ncolour = \"red\""),
-                13,
+                14,
                 "colour",
             ),
             (
                 GOOD.replace("kind = \"dicomweb\"", "kind = \"ftp\""),
-                14,
+                15,
                 "ftp",
             ),
             (
                 GOOD.replace("url = \"http://127.0.0.1:8042/dicom-web/\"\n", ""),
-                13,
+                14,
                 "url",
             ),
             (
                 GOOD.replace("id = \"south\"", "id = \"north\""),
-                10,
+                11,
                 "used twice",
             ),
             (
                 GOOD.replace("id = \"south\"", "id = \"South Clinic\""),
-                10,
+                11,
                 "lower-case",
             ),
             (GOOD.replace("\"+01:00\"", "\"CET\""), 7, "utc_offset"),
             (
                 GOOD.replace("http://127.0.0.1", "ftp://127.0.0.1"),
-                15,
+                16,
                 "http",
             ),
         ];
         for (text, line, needle) in cases {
             let error = load(&text, &env).unwrap_err();
+            println!("{error}");
             assert_eq!(error.line, Some(line), "{error}");
             assert!(error.to_string().contains(needle), "{error}");
             assert!(error.to_string().starts_with("meshgate.toml:"), "{error}");
@@ -425,7 +460,7 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
     fn credentials_must_be_references_and_missing_ones_are_named_without_values() {
         let literal = GOOD.replace("${env:SOUTH_PASSWORD}", "hunter2");
         let error = load(&literal, &FakeEnv::default()).unwrap_err();
-        assert_eq!(error.line, Some(17));
+        assert_eq!(error.line, Some(18));
         assert!(!error.to_string().contains("hunter2"), "{error}");
         let missing = load(GOOD, &FakeEnv::default()).unwrap_err();
         assert!(

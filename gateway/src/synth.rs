@@ -357,8 +357,10 @@ pub fn synthesise(spec: &SynthSpec, out: &Path) -> Result<Vec<ManifestRow>, Synt
         let (manufacturer, model) = DEVICES[rng.gen_range(0..DEVICES.len())];
         let study_uid = uid(&mut rng);
         let accession = format!("{prefix}A{:08}", rng.gen_range(0..100_000_000));
-        let series_count = rng.gen_range(1..=exam.series.len().min(6));
-        let mut modalities = vec![exam.modality.to_owned()];
+        // A PET study always has its PET series after the attenuation CT.
+        let fewest = if exam.modality == "PT" { 2 } else { 1 };
+        let series_count = rng.gen_range(fewest..=exam.series.len().clamp(fewest, 6));
+        let mut modalities: Vec<String> = Vec::new();
         let mut body_parts = vec![exam.body_part.to_owned()];
         let mut instance_total = 0u32;
         let study_dir = dicom_root.join(format!("study{study_index:05}"));

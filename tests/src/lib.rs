@@ -1,1 +1,495 @@
-//! placeholder
+//! End-to-end test harness: real Orthanc servers with the DICOMweb plugin,
+//! synthetic partners loaded into them, and the real gateway served over
+//! HTTP on port 0.
+//!
+//! Where to start reading: [`Orthanc`] starts and loads a server,
+//! [`Gateway`] starts meshgate in front of partners, [`TcpProxy`] sits in
+//! between to delay traffic or prove that none was sent, and
+//! [`GroundTruth`] answers cohort questions from the synthesiser's
+//! manifests, independently of the query path.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: failing loudly is the point"
+)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use meshgate_gateway::config::ProcessEnvironment;
+use meshgate_gateway::synth::{DICOM_DIR, ManifestRow, SynthSpec, synthesise};
+use meshgate_gateway::{Config, build_app, federation, run};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// The Orthanc binary (Debian package `orthanc`); override with `ORTHANC_BIN`.
+fn orthanc_bin() -> String {
+    std::env::var("ORTHANC_BIN").unwrap_or_else(|_| "Orthanc".to_owned())
+}
+
+/// The DICOMweb plugin (Debian package `orthanc-dicomweb`); override with
+/// `ORTHANC_DICOMWEB_PLUGIN`.
+fn dicomweb_plugin() -> String {
+    std::env::var("ORTHANC_DICOMWEB_PLUGIN")
+        .unwrap_or_else(|_| "/usr/share/orthanc/plugins/libOrthancDicomWeb.so".to_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A synthetic partner written to a temporary folder.
+#[derive(Debug)]
+pub struct SyntheticPartner {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    pub manifest: Vec<ManifestRow>,
+}
+
+impl SyntheticPartner {
+    pub fn new(id: &str, studies: usize, seed: u64) -> SyntheticPartner {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = synthesise(
+            &SynthSpec {
+                partner: id.to_owned(),
+                studies,
+                seed,
+            },
+            dir.path(),
+        )
+        .unwrap();
+        SyntheticPartner {
+            id: id.to_owned(),
+            dir,
+            manifest,
+        }
+    }
+
+    pub fn dicom_dir(&self) -> PathBuf {
+        self.dir.path().join(DICOM_DIR)
+    }
+}
+
+/// A running Orthanc with the DICOMweb plugin, on a free port with its own
+/// storage. Killed when dropped.
+#[derive(Debug)]
+pub struct Orthanc {
+    child: Option<Child>,
+    pub port: u16,
+    _storage: tempfile::TempDir,
+}
+
+impl Orthanc {
+    pub async fn start(name: &str) -> Orthanc {
+        let storage = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = json!({
+            "Name": name,
+            "StorageDirectory": storage.path().join("db"),
+            "IndexDirectory": storage.path().join("db"),
+            "HttpPort": port,
+            "DicomServerEnabled": false,
+            "DicomPort": free_port(),
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "HttpDescribeErrors": false,
+            "StableAge": 1,
+            "Plugins": [dicomweb_plugin()],
+            "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
+        });
+        let config_path = storage.path().join("orthanc.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let log = std::fs::File::create(storage.path().join("orthanc.log")).unwrap();
+        let child = Command::new(orthanc_bin())
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start Orthanc ({}): {e}; install the Debian packages orthanc and orthanc-dicomweb", orthanc_bin()));
+        let orthanc = Orthanc {
+            child: Some(child),
+            port,
+            _storage: storage,
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(response) = client
+                .get(format!("{}/dicom-web/studies?limit=1", orthanc.url()))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return orthanc;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("Orthanc {name} did not become ready on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dicomweb_url(&self) -> String {
+        format!("{}/dicom-web/", self.url())
+    }
+
+    /// Uploads every DICOM file of a partner through Orthanc's REST API.
+    pub async fn load(&self, partner: &SyntheticPartner) {
+        let mut files = Vec::new();
+        collect_files(&partner.dicom_dir(), &mut files);
+        let client = reqwest::Client::new();
+        let url = format!("{}/instances", self.url());
+        let uploads = files.into_iter().map(|path| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let body = tokio::fs::read(&path).await.unwrap();
+                let response = client.post(&url).body(body).send().await.unwrap();
+                assert!(
+                    response.status().is_success(),
+                    "Orthanc refused {}: {}",
+                    path.display(),
+                    response.status()
+                );
+            }
+        });
+        use futures::StreamExt as _;
+        // A few uploads in flight at once; Orthanc indexes serially anyway.
+        futures::stream::iter(uploads)
+            .buffer_unordered(8)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// Stops the server (SIGKILL), as a partner outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// A TCP proxy that counts the bytes clients send upstream and can hold
+/// each connection's traffic back for a while (a slow partner).
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub address: SocketAddr,
+    sent: Arc<AtomicU64>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr, delay: Duration) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let counter = Arc::clone(&sent);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = &mut stopped => return,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    return;
+                };
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.split();
+                    let (mut server_read, mut server_write) = server.split();
+                    let upstream_leg = async {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            use tokio::io::AsyncReadExt;
+                            let n = match client_read.read(&mut buffer).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            counter.fetch_add(n as u64, Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
+                            if server_write.write_all(&buffer[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let downstream_leg = async {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(upstream_leg, downstream_leg);
+                });
+            }
+        });
+        TcpProxy {
+            address,
+            sent,
+            _stop: stop,
+        }
+    }
+
+    /// Bytes clients have sent upstream so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/dicom-web/", self.address)
+    }
+}
+
+/// A running gateway, stopped when dropped.
+#[derive(Debug)]
+pub struct Gateway {
+    pub url: String,
+    client: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Gateway {
+    /// Starts a gateway whose `[[partners]]` tables are `partners_toml`.
+    pub async fn start(partners_toml: &str) -> Gateway {
+        let text = format!("listen = \"127.0.0.1:0\"\n{partners_toml}");
+        let loaded = Config::from_toml(&text, Path::new("e2e.toml"), &ProcessEnvironment).unwrap();
+        let app = build_app(federation(&loaded).await.unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/graphql", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(run(listener, app, async {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            url,
+            client: reqwest::Client::new(),
+            _stop: stop,
+        }
+    }
+
+    /// Sends a GraphQL query; returns the HTTP status and the JSON body.
+    pub async fn post(&self, query: &str, variables: Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(&self.url)
+            .json(&json!({"query": query, "variables": variables}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Sends a GraphQL query that must succeed without errors; returns `data`.
+    pub async fn query(&self, query: &str, variables: Value) -> Value {
+        let (status, body) = self.post(query, variables).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.get("errors").is_none(), "unexpected errors: {body}");
+        body["data"].clone()
+    }
+}
+
+/// A `[[partners]]` table for a DICOMweb partner.
+pub fn dicomweb_partner(id: &str, url: &str, deadline_ms: u64, page_size: Option<u32>) -> String {
+    let page_size = page_size
+        .map(|n| format!("page_size = {n}\n"))
+        .unwrap_or_default();
+    format!(
+        "[[partners]]\nid = \"{id}\"\nname = \"{id} hospital\"\ndeadline_ms = {deadline_ms}\nutc_offset = \"+01:00\"\n[partners.connector]\nkind = \"dicomweb\"\nprofile = \"orthanc\"\nurl = \"{url}\"\n{page_size}\n"
+    )
+}
+
+/// A `[[partners]]` table for a files partner.
+pub fn files_partner(id: &str, dir: &Path) -> String {
+    format!(
+        "[[partners]]\nid = \"{id}\"\nname = \"{id} archive\"\nconnector = {{ kind = \"files\", path = {} }}\n\n",
+        toml_string(&dir.display().to_string())
+    )
+}
+
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap()
+}
+
+/// Expected answers computed from the synthesiser's manifests.
+#[derive(Debug, Default)]
+pub struct GroundTruth {
+    rows: Vec<(String, ManifestRow)>,
+}
+
+/// A cohort question, asked of the ground truth directly.
+#[derive(Debug, Clone, Default)]
+pub struct Cohort {
+    pub modalities: Vec<&'static str>,
+    pub body_part: Option<&'static str>,
+    pub from: Option<time::Date>,
+    pub to: Option<time::Date>,
+    pub description: Option<&'static str>,
+    pub sex: Option<&'static str>,
+    pub min_age: Option<u16>,
+    pub max_age: Option<u16>,
+    pub study_uids: Option<Vec<String>>,
+    pub partners: Option<Vec<&'static str>>,
+}
+
+impl Cohort {
+    /// The same question as a GraphQL `StudyFilter`.
+    pub fn filter(&self) -> Value {
+        let mut filter = serde_json::Map::new();
+        if !self.modalities.is_empty() {
+            filter.insert("modalities".into(), json!(self.modalities));
+        }
+        if let Some(part) = self.body_part {
+            filter.insert("bodyPart".into(), json!(part));
+        }
+        if self.from.is_some() || self.to.is_some() {
+            filter.insert("studyDate".into(), json!({"from": self.from.map(|d| d.to_string()), "to": self.to.map(|d| d.to_string())}));
+        }
+        if let Some(text) = self.description {
+            filter.insert("description".into(), json!(text));
+        }
+        if let Some(sex) = self.sex {
+            filter.insert(
+                "patientSex".into(),
+                json!(match sex {
+                    "F" => "FEMALE",
+                    "M" => "MALE",
+                    _ => "OTHER",
+                }),
+            );
+        }
+        if self.min_age.is_some() || self.max_age.is_some() {
+            filter.insert(
+                "patientAge".into(),
+                json!({"min": self.min_age, "max": self.max_age}),
+            );
+        }
+        if let Some(uids) = &self.study_uids {
+            filter.insert("studyInstanceUids".into(), json!(uids));
+        }
+        if let Some(partners) = &self.partners {
+            filter.insert("partners".into(), json!(partners));
+        }
+        Value::Object(filter)
+    }
+
+    fn matches(&self, partner: &str, row: &ManifestRow) -> bool {
+        (self.modalities.is_empty()
+            || row
+                .modalities
+                .iter()
+                .any(|m| self.modalities.contains(&m.as_str())))
+            && self
+                .body_part
+                .is_none_or(|p| row.body_parts.iter().any(|b| b == p))
+            && self.from.is_none_or(|d| row.study_date >= d)
+            && self.to.is_none_or(|d| row.study_date <= d)
+            && self
+                .description
+                .is_none_or(|t| row.description.to_lowercase().contains(&t.to_lowercase()))
+            && self.sex.is_none_or(|s| row.patient_sex == s)
+            && self.min_age.is_none_or(|a| row.patient_age >= a)
+            && self.max_age.is_none_or(|a| row.patient_age <= a)
+            && self
+                .study_uids
+                .as_ref()
+                .is_none_or(|uids| uids.contains(&row.study_uid))
+            && self
+                .partners
+                .as_ref()
+                .is_none_or(|ps| ps.contains(&partner))
+    }
+}
+
+impl GroundTruth {
+    pub fn add(&mut self, partner: &SyntheticPartner) {
+        self.rows.extend(
+            partner
+                .manifest
+                .iter()
+                .map(|row| (partner.id.clone(), row.clone())),
+        );
+    }
+
+    /// Every matching (partner, study UID), in the gateway's documented
+    /// order: newest first, then partner id, then study UID.
+    pub fn answer(&self, cohort: &Cohort) -> Vec<(String, String)> {
+        let mut matching: Vec<&(String, ManifestRow)> = self
+            .rows
+            .iter()
+            .filter(|(partner, row)| cohort.matches(partner, row))
+            .collect();
+        matching.sort_by(|(pa, a), (pb, b)| {
+            (b.study_date, b.study_time)
+                .cmp(&(a.study_date, a.study_time))
+                .then_with(|| pa.cmp(pb))
+                .then_with(|| a.study_uid.cmp(&b.study_uid))
+        });
+        matching
+            .into_iter()
+            .map(|(p, row)| (p.clone(), row.study_uid.clone()))
+            .collect()
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &(String, ManifestRow)> {
+        self.rows.iter()
+    }
+}
+
+/// Validates FHIR resources with the independent validator in
+/// `tests/fhir/validate_imaging_study.py` (Python `fhir.resources`).
+pub fn validate_imaging_studies(resources: &[Value]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/validate_imaging_study.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for FHIR validation");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(serde_json::to_string(resources).unwrap().as_bytes())
+            .unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "FHIR validation failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt, stream};
-use meshgate_schema::dicom::{DicomAttributes, format_date, tags};
+use meshgate_schema::dicom::{DicomAttributes, Tag, format_date, tags};
 use meshgate_schema::study::assemble_series;
 use meshgate_schema::{
     Capabilities, ConnectorKind, FilterKind, PagingStyle, Series, Study, StudyQuery,
@@ -63,7 +63,7 @@ pub struct DicomWebConnector {
 }
 
 /// The study-level attributes asked for beyond the QIDO-RS defaults.
-const STUDY_FIELDS: &[meshgate_schema::dicom::Tag] = &[
+const STUDY_FIELDS: &[Tag] = &[
     tags::STUDY_DESCRIPTION,
     tags::PATIENT_AGE,
     tags::PATIENT_BIRTH_DATE,
@@ -71,7 +71,7 @@ const STUDY_FIELDS: &[meshgate_schema::dicom::Tag] = &[
     tags::NUMBER_OF_STUDY_RELATED_SERIES,
     tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
 ];
-const SERIES_FIELDS: &[meshgate_schema::dicom::Tag] = &[
+const SERIES_FIELDS: &[Tag] = &[
     tags::SERIES_DESCRIPTION,
     tags::BODY_PART_EXAMINED,
     tags::LATERALITY,
@@ -79,7 +79,7 @@ const SERIES_FIELDS: &[meshgate_schema::dicom::Tag] = &[
     tags::SERIES_TIME,
     tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
 ];
-const INSTANCE_FIELDS: &[meshgate_schema::dicom::Tag] = &[
+const INSTANCE_FIELDS: &[Tag] = &[
     tags::SERIES_INSTANCE_UID,
     tags::SOP_CLASS_UID,
     tags::INSTANCE_NUMBER,
@@ -116,7 +116,7 @@ impl DicomWebConnector {
         &self,
         path: &str,
         params: &[(String, String)],
-        key: meshgate_schema::dicom::Tag,
+        key: Tag,
     ) -> Result<(Vec<DicomJson>, bool), ConnectorError> {
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
@@ -218,10 +218,8 @@ impl DicomWebConnector {
         if let Some(sex) = query.patient_sex {
             params.push(("PatientSex".into(), sex.code().into()));
         }
-        if !query.modalities.is_empty() && (query.modalities.len() == 1 || profile.modality_lists())
-        {
-            let list: Vec<&str> = query.modalities.iter().map(|m| m.code()).collect();
-            params.push(("ModalitiesInStudy".into(), list.join(",")));
+        if let Some(list) = self.study_level_modalities(query) {
+            params.push(("ModalitiesInStudy".into(), list));
         }
         if !query.study_uids.is_empty() && query.study_uids.len() <= MAX_UIDS_IN_URL {
             let list: Vec<&str> = query.study_uids.iter().map(String::as_str).collect();
@@ -235,19 +233,54 @@ impl DicomWebConnector {
         (params, residual)
     }
 
-    /// The UIDs of studies with a series of exactly this body part.
-    async fn studies_with_body_part(
+    /// `ModalitiesInStudy` for the study-level search, when the backend
+    /// can page through it.
+    fn study_level_modalities(&self, query: &StudyQuery) -> Option<String> {
+        let profile = self.settings.profile;
+        let pushable = match query.modalities.len() {
+            0 => false,
+            1 => profile.pages_modalities_in_study(),
+            _ => profile.pages_modalities_in_study() && profile.modality_lists(),
+        };
+        pushable.then(|| modality_list(query))
+    }
+
+    /// Series-level searches that narrow the study list: body part always
+    /// (a series attribute), modality where the study level cannot page it.
+    /// Each yields the UIDs of studies with a matching series.
+    fn series_constraints(&self, query: &StudyQuery) -> Vec<(Tag, String)> {
+        let profile = self.settings.profile;
+        let mut constraints = Vec::new();
+        if let Some(part) = &query.body_part {
+            constraints.push((tags::BODY_PART_EXAMINED, part.clone()));
+        }
+        if !query.modalities.is_empty()
+            && self.study_level_modalities(query).is_none()
+            && (query.modalities.len() == 1 || profile.modality_lists())
+        {
+            constraints.push((tags::MODALITY, modality_list(query)));
+        }
+        constraints
+    }
+
+    /// The UIDs of studies with a series whose `tag` matches `value` (a
+    /// comma-separated list for modality; exactly, for body part).
+    async fn studies_with_series(
         &self,
-        part: &str,
+        tag: Tag,
+        value: &str,
     ) -> Result<(HashSet<String>, bool), ConnectorError> {
+        let exact = tag == tags::BODY_PART_EXAMINED;
+        let pattern = if exact {
+            self.settings.profile.exact_pattern(value)
+        } else {
+            value.to_owned()
+        };
         let params = vec![
-            (
-                "BodyPartExamined".to_owned(),
-                self.settings.profile.exact_pattern(part),
-            ),
+            (keyword(tag).to_owned(), pattern),
             (
                 "includefield".to_owned(),
-                include_fields(&[tags::STUDY_INSTANCE_UID, tags::BODY_PART_EXAMINED]),
+                include_fields(&[tags::STUDY_INSTANCE_UID, tag]),
             ),
         ];
         let (rows, truncated) = self
@@ -256,8 +289,10 @@ impl DicomWebConnector {
         let studies = rows
             .iter()
             .filter(|row| {
-                row.text(tags::BODY_PART_EXAMINED)
-                    .is_some_and(|found| found.eq_ignore_ascii_case(part))
+                !exact
+                    || row
+                        .text(tag)
+                        .is_some_and(|found| found.eq_ignore_ascii_case(value))
             })
             .filter_map(|row| row.text(tags::STUDY_INSTANCE_UID))
             .collect();
@@ -308,30 +343,26 @@ impl Connector for DicomWebConnector {
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
         let (params, residual) = self.study_params(query);
+        let constraints = self.series_constraints(query);
         let studies = self.search_all("studies", &params, tags::STUDY_INSTANCE_UID);
-        let (rows, with_part, truncated) = match &query.body_part {
-            Some(part) => {
-                let ((rows, t1), (with_part, t2)) =
-                    futures::try_join!(studies, self.studies_with_body_part(part))?;
-                (rows, Some((part, with_part)), t1 || t2)
-            }
-            None => {
-                let (rows, truncated) = studies.await?;
-                (rows, None, truncated)
-            }
-        };
+        let narrowing = futures::future::try_join_all(
+            constraints
+                .iter()
+                .map(|(tag, value)| self.studies_with_series(*tag, value)),
+        );
+        let ((rows, mut truncated), narrowing) = futures::try_join!(studies, narrowing)?;
+        truncated |= narrowing.iter().any(|(_, t)| *t);
         let studies = rows
             .iter()
             .filter_map(Study::from_attributes)
-            .filter_map(|mut study| {
-                if let Some((part, with_part)) = &with_part {
-                    if !with_part.contains(&study.uid) {
-                        return None;
-                    }
-                    study.body_parts = vec![(*part).clone()];
+            .filter(|study| narrowing.iter().all(|(uids, _)| uids.contains(&study.uid)))
+            .map(|mut study| {
+                if let Some(part) = &query.body_part {
+                    study.body_parts = vec![part.clone()];
                 }
-                query.matches_on(&study, &residual).then_some(study)
+                study
             })
+            .filter(|study| query.matches_on(study, &residual))
             .collect();
         Ok(SearchOutcome { studies, truncated })
     }
@@ -352,7 +383,25 @@ impl Connector for DicomWebConnector {
     }
 }
 
-fn include_fields(fields: &[meshgate_schema::dicom::Tag]) -> String {
+fn modality_list(query: &StudyQuery) -> String {
+    query
+        .modalities
+        .iter()
+        .map(|m| m.code())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The DICOM keyword of an attribute used as a series-level constraint.
+fn keyword(tag: Tag) -> &'static str {
+    if tag == tags::BODY_PART_EXAMINED {
+        "BodyPartExamined"
+    } else {
+        "Modality"
+    }
+}
+
+fn include_fields(fields: &[Tag]) -> String {
     fields
         .iter()
         .map(|tag| tag.json_key())

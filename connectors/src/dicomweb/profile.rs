@@ -11,7 +11,7 @@ pub enum Profile {
     Generic,
     /// Orthanc with its DICOMweb plugin: it does not percent-decode query
     /// values, matches wildcards case-insensitively and matches
-    /// comma-separated lists of Modalities in Study.
+    /// comma-separated lists of modalities.
     Orthanc,
 }
 
@@ -35,7 +35,14 @@ impl Profile {
         None
     }
 
-    /// Whether `ModalitiesInStudy=CT,MR` matches studies with either.
+    /// Whether `ModalitiesInStudy` can be combined with `offset` paging.
+    /// Orthanc 1.10 / DICOMweb 1.7 return nothing past the first page when
+    /// it is (measured), so there modality is asked at series level.
+    pub fn pages_modalities_in_study(self) -> bool {
+        matches!(self, Profile::Generic)
+    }
+
+    /// Whether `ModalitiesInStudy=CT,MR` / `Modality=CT,MR` match either.
     pub fn modality_lists(self) -> bool {
         matches!(self, Profile::Orthanc)
     }

@@ -1,0 +1,425 @@
+//! Federated study search end to end: three real Orthanc partners (each
+//! loaded with its own synthetic partner) and one files partner, queried
+//! through the real gateway over HTTP, checked against the synthesiser's
+//! ground truth.
+
+use meshgate_tests::{
+    Cohort, Gateway, GroundTruth, Orthanc, SyntheticPartner, TcpProxy, dicomweb_partner,
+    files_partner, validate_imaging_studies,
+};
+use serde_json::{Value, json};
+use time::macros::date;
+
+const PAGE_QUERY: &str = r#"
+query Page($filter: StudyFilter, $first: Int!, $after: String) {
+  imagingStudies(filter: $filter, first: $first, after: $after) {
+    nodes { studyInstanceUid partner connectorKind started modalities fhir }
+    pageInfo { hasNextPage endCursor }
+    totalCount
+    partners { partner status count latencyMs code }
+  }
+}"#;
+
+const COUNT_QUERY: &str = r#"
+query Count($filter: StudyFilter) {
+  cohortCount(filter: $filter) { total complete partners { partner status count } }
+}"#;
+
+struct Consortium {
+    gateway: Gateway,
+    truth: GroundTruth,
+    proxies: Vec<TcpProxy>,
+    _orthancs: Vec<Orthanc>,
+    _partners: Vec<SyntheticPartner>,
+}
+
+async fn consortium() -> Consortium {
+    let mut truth = GroundTruth::default();
+    let mut orthancs = Vec::new();
+    let mut partners = Vec::new();
+    let mut proxies = Vec::new();
+    let mut config = String::new();
+    for (id, studies, seed, page_size) in [
+        ("north", 60, 1, Some(25)),
+        ("south", 45, 2, None),
+        ("east", 50, 3, Some(7)),
+    ] {
+        let partner = SyntheticPartner::new(id, studies, seed);
+        let orthanc = Orthanc::start(id).await;
+        orthanc.load(&partner).await;
+        // Every DICOMweb partner is reached through a proxy that counts bytes,
+        // so tests can prove no partner was called.
+        let proxy = TcpProxy::start(
+            format!("127.0.0.1:{}", orthanc.port).parse().unwrap(),
+            std::time::Duration::ZERO,
+        )
+        .await;
+        config.push_str(&dicomweb_partner(id, &proxy.url(), 10_000, page_size));
+        truth.add(&partner);
+        orthancs.push(orthanc);
+        partners.push(partner);
+        proxies.push(proxy);
+    }
+    let archive = SyntheticPartner::new("west", 40, 4);
+    config.push_str(&files_partner("west", &archive.dicom_dir()));
+    truth.add(&archive);
+    partners.push(archive);
+    Consortium {
+        gateway: Gateway::start(&config).await,
+        truth,
+        proxies,
+        _orthancs: orthancs,
+        _partners: partners,
+    }
+}
+
+/// Walks every page of a query; returns the (partner, uid) sequence and all FHIR resources.
+async fn walk(
+    gateway: &Gateway,
+    filter: &Value,
+    first: i64,
+) -> (Vec<(String, String)>, Vec<Value>) {
+    let mut seen = Vec::new();
+    let mut resources = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let data = gateway
+            .query(
+                PAGE_QUERY,
+                json!({"filter": filter, "first": first, "after": after}),
+            )
+            .await;
+        let page = &data["imagingStudies"];
+        for status in page["partners"].as_array().unwrap() {
+            assert_eq!(status["status"], "OK", "{status}");
+        }
+        let nodes = page["nodes"].as_array().unwrap();
+        assert!(nodes.len() <= first as usize);
+        for node in nodes {
+            seen.push((
+                node["partner"].as_str().unwrap().to_owned(),
+                node["studyInstanceUid"].as_str().unwrap().to_owned(),
+            ));
+            resources.push(node["fhir"].clone());
+        }
+        if !page["pageInfo"]["hasNextPage"].as_bool().unwrap() {
+            return (seen, resources);
+        }
+        after = page["pageInfo"]["endCursor"].clone();
+        assert!(seen.len() < 10_000, "paging does not end");
+    }
+}
+
+fn cohorts(truth: &GroundTruth) -> Vec<(&'static str, Cohort)> {
+    let some_uids: Vec<String> = truth
+        .rows()
+        .step_by(9)
+        .map(|(_, row)| row.study_uid.clone())
+        .collect();
+    let mut cases = vec![
+        ("everything", Cohort::default()),
+        (
+            "CT or MR of the chest, 2018 to 2022",
+            Cohort {
+                modalities: vec!["CT", "MR"],
+                body_part: Some("CHEST"),
+                from: Some(date!(2018 - 01 - 01)),
+                to: Some(date!(2022 - 12 - 31)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "women aged 50 to 70",
+            Cohort {
+                sex: Some("F"),
+                min_age: Some(50),
+                max_age: Some(70),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "description contains 'with contrast'",
+            Cohort {
+                description: Some("WITH contrast"),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "studies on the first day of 2015 exactly",
+            Cohort {
+                from: Some(date!(2015 - 01 - 01)),
+                to: Some(date!(2015 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "open-ended date range since 2024",
+            Cohort {
+                from: Some(date!(2024 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "open-ended date range until 2006",
+            Cohort {
+                to: Some(date!(2006 - 12 - 31)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "a body part nobody has",
+            Cohort {
+                body_part: Some("TAIL"),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "named studies",
+            Cohort {
+                study_uids: Some(some_uids),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "only two partners",
+            Cohort {
+                partners: Some(vec!["north", "west"]),
+                modalities: vec!["CR", "DX"],
+                ..Cohort::default()
+            },
+        ),
+        (
+            "men over 80 with NM or PT",
+            Cohort {
+                sex: Some("M"),
+                min_age: Some(80),
+                modalities: vec!["NM", "PT"],
+                ..Cohort::default()
+            },
+        ),
+        (
+            "knee MR since 2010",
+            Cohort {
+                modalities: vec!["MR"],
+                body_part: Some("KNEE"),
+                from: Some(date!(2010 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "empty result: no studies in the future",
+            Cohort {
+                from: Some(date!(2030 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+    ];
+    for modality in ["CT", "MR", "CR", "DX", "US", "PT", "MG", "NM"] {
+        cases.push((
+            "each modality",
+            Cohort {
+                modalities: vec![modality],
+                ..Cohort::default()
+            },
+        ));
+    }
+    cases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federated_search_over_real_orthanc_partners() {
+    let consortium = consortium().await;
+    cohort_counts_and_every_page_equal_the_ground_truth(&consortium).await;
+    paging_by_seven_returns_every_study_exactly_once_in_order(&consortium).await;
+    every_returned_study_validates_as_fhir_r4_imaging_study(&consortium).await;
+    invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(&consortium).await;
+    partners_are_listed_with_their_connector_capabilities(&consortium).await;
+}
+
+async fn cohort_counts_and_every_page_equal_the_ground_truth(c: &Consortium) {
+    let cases = cohorts(&c.truth);
+    let mut non_empty = 0;
+    for (name, cohort) in &cases {
+        let expected = c.truth.answer(cohort);
+        non_empty += usize::from(!expected.is_empty());
+        let count = c
+            .gateway
+            .query(COUNT_QUERY, json!({"filter": cohort.filter()}))
+            .await;
+        assert_eq!(
+            count["cohortCount"]["total"],
+            expected.len(),
+            "count of {name} ({cohort:?}): {count}, expected {expected:?}"
+        );
+        assert_eq!(count["cohortCount"]["complete"], true, "{name}");
+        let (studies, _) = walk(&c.gateway, &cohort.filter(), 25).await;
+        assert_eq!(studies, expected, "studies of {name} ({cohort:?})");
+    }
+    assert!(
+        non_empty >= 15,
+        "too few cases have answers to mean much: {non_empty}"
+    );
+}
+
+async fn paging_by_seven_returns_every_study_exactly_once_in_order(c: &Consortium) {
+    let cohort = Cohort {
+        from: Some(date!(2012 - 01 - 01)),
+        ..Cohort::default()
+    };
+    let (studies, _) = walk(&c.gateway, &cohort.filter(), 7).await;
+    let expected = c.truth.answer(&cohort);
+    assert!(expected.len() > 30);
+    let unique: std::collections::HashSet<_> = studies.iter().collect();
+    assert_eq!(unique.len(), studies.len(), "a study appeared twice");
+    assert_eq!(studies, expected);
+}
+
+async fn every_returned_study_validates_as_fhir_r4_imaging_study(c: &Consortium) {
+    let (studies, resources) = walk(&c.gateway, &json!({}), 100).await;
+    assert_eq!(resources.len(), studies.len());
+    for resource in &resources {
+        assert!(
+            !resource["series"].as_array().unwrap().is_empty(),
+            "series are loaded: {resource}"
+        );
+    }
+    validate_imaging_studies(&resources);
+}
+
+async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c: &Consortium) {
+    let before: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    let cases = [
+        (
+            json!({"filter": {"modalities": ["XYZ"]}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
+            json!({"filter": {"patientSex": "UNKNOWN"}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
+            json!({"filter": {"studyDate": {"from": "2019-02-30"}}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
+            json!({"filter": {"studyDate": {"from": "2022-01-01", "to": "2018-01-01"}}, "first": 5}),
+            "INVALID_FILTER",
+        ),
+        (
+            json!({"filter": {"patientAge": {"min": 70, "max": 50}}, "first": 5}),
+            "INVALID_FILTER",
+        ),
+        (
+            json!({"filter": {"bodyPart": "CHEST*"}, "first": 5}),
+            "INVALID_FILTER",
+        ),
+        (
+            json!({"filter": {"studyInstanceUids": ["1.2.3*"]}, "first": 5}),
+            "INVALID_FILTER",
+        ),
+        (
+            json!({"filter": {"partners": ["nowhere"]}, "first": 5}),
+            "INVALID_FILTER",
+        ),
+        (json!({"first": -1}), "INVALID_PAGE_SIZE"),
+        (json!({"first": 0}), "INVALID_PAGE_SIZE"),
+        (json!({"first": 100000}), "INVALID_PAGE_SIZE"),
+        (
+            json!({"first": 5, "after": "not-a-cursor"}),
+            "INVALID_CURSOR",
+        ),
+        (json!({"first": 5, "after": "eyJ2IjoxfQ"}), "INVALID_CURSOR"),
+    ];
+    for (variables, code) in cases {
+        let (_, body) = c.gateway.post(PAGE_QUERY, variables.clone()).await;
+        assert_eq!(
+            body["errors"][0]["extensions"]["code"], code,
+            "{variables}: {body}"
+        );
+        assert!(
+            body["data"].is_null() || body["data"]["imagingStudies"].is_null(),
+            "{body}"
+        );
+    }
+    let after_invalid: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    assert_eq!(
+        after_invalid, before,
+        "an invalid request reached a partner"
+    );
+    // A cursor from one filter is refused for another.
+    let data = c
+        .gateway
+        .query(
+            PAGE_QUERY,
+            json!({"filter": {"modalities": ["CT"]}, "first": 1}),
+        )
+        .await;
+    let cursor = data["imagingStudies"]["pageInfo"]["endCursor"].clone();
+    let before_other = c
+        .proxies
+        .iter()
+        .map(TcpProxy::bytes_sent)
+        .collect::<Vec<_>>();
+    let (_, body) = c
+        .gateway
+        .post(
+            PAGE_QUERY,
+            json!({"filter": {"modalities": ["MR"]}, "first": 1, "after": cursor}),
+        )
+        .await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "INVALID_CURSOR",
+        "{body}"
+    );
+    assert_eq!(
+        c.proxies
+            .iter()
+            .map(TcpProxy::bytes_sent)
+            .collect::<Vec<_>>(),
+        before_other
+    );
+    // Malformed GraphQL never reaches execution.
+    let (status, body) = c
+        .gateway
+        .post("{ imagingStudies(first: 5) { nodes { ", json!({}))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"],
+        "GRAPHQL_PARSE_FAILED"
+    );
+    let (_, body) = c.gateway.post("{ cohortCount { totl } }", json!({})).await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"],
+        "GRAPHQL_VALIDATION_FAILED"
+    );
+
+    assert_eq!(
+        c.proxies
+            .iter()
+            .map(TcpProxy::bytes_sent)
+            .collect::<Vec<_>>(),
+        before_other,
+        "an invalid request reached a partner"
+    );
+}
+
+async fn partners_are_listed_with_their_connector_capabilities(c: &Consortium) {
+    let data = c
+        .gateway
+        .query("{ partners { id name connectorKind capabilities { nativeFilters paging maxPageSize } } }", json!({}))
+        .await;
+    let partners = data["partners"].as_array().unwrap();
+    let ids: Vec<&str> = partners.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["north", "south", "east", "west"]);
+    assert_eq!(partners[0]["connectorKind"], "DICOMWEB");
+    assert_eq!(partners[0]["capabilities"]["paging"], "LIMIT_OFFSET");
+    assert_eq!(partners[3]["connectorKind"], "FILES");
+    assert_eq!(
+        partners[3]["capabilities"]["nativeFilters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        7
+    );
+}
