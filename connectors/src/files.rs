@@ -42,6 +42,9 @@ struct FileHeader {
     instance: Instance,
 }
 
+/// A study's first-seen header and its series' headers with their instances.
+type StudyGroup<'a> = (&'a Study, BTreeMap<&'a str, (&'a Series, Vec<Instance>)>);
+
 /// The folder as last scanned.
 #[derive(Debug, Default)]
 struct FolderIndex {
@@ -171,8 +174,7 @@ impl FolderIndex {
     }
 
     fn build_studies(&mut self) {
-        let mut studies: BTreeMap<&str, (&Study, BTreeMap<&str, (&Series, Vec<Instance>)>)> =
-            BTreeMap::new();
+        let mut studies: BTreeMap<&str, StudyGroup<'_>> = BTreeMap::new();
         for header in self.files.values().filter_map(|f| f.content.as_deref()) {
             let (_, series) = studies
                 .entry(header.study.uid.as_str())

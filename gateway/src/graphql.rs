@@ -139,7 +139,7 @@ impl QueryRoot {
         let federation = federation(ctx)?;
         let query = Self::query(federation, filter)?;
         if !(1..=MAX_PAGE_SIZE).contains(&first) {
-            return Err(ApiError::InvalidPageSize(first).into());
+            return Err(ApiError::InvalidPageSize(first));
         }
         let fingerprint = query.fingerprint();
         let after = after

@@ -1,5 +1,12 @@
 //! The `meshgate` command as an operator uses it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
 use std::process::Command;
 
 fn meshgate() -> Command {

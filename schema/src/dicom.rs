@@ -126,7 +126,7 @@ pub fn parse_time(value: &str) -> Option<Time> {
             _ => Some(0),
         }
     };
-    if digits.len() < 2 || digits.len() > 6 || digits.len() % 2 != 0 {
+    if digits.len() < 2 || digits.len() > 6 || !digits.len().is_multiple_of(2) {
         return None;
     }
     Time::from_hms(field(0..2)?, field(2..4)?, field(4..6)?).ok()

@@ -239,7 +239,7 @@ impl Study {
         }
         let mut modalities: Vec<String> =
             series.iter().filter_map(|s| s.modality.clone()).collect();
-        modalities.extend(self.modalities.drain(..));
+        modalities.append(&mut self.modalities);
         modalities.sort();
         modalities.dedup();
         self.modalities = modalities;

@@ -3,6 +3,13 @@
 //! Set `UPDATE_EXPECTED=1` to rewrite the expected files after a deliberate
 //! mapping change, then review the diff.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
 use std::path::PathBuf;
 
 use meshgate_schema::Study;

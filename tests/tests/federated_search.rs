@@ -3,6 +3,13 @@
 //! through the real gateway over HTTP, checked against the synthesiser's
 //! ground truth.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
 use meshgate_tests::{
     Cohort, Gateway, GroundTruth, Orthanc, SyntheticPartner, TcpProxy, dicomweb_partner,
     files_partner, validate_imaging_studies,

@@ -1,5 +1,12 @@
 //! A files partner notices added, changed and deleted files by itself.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
 use std::path::Path;
 use std::time::Duration;
 

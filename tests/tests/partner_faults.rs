@@ -2,6 +2,13 @@
 //! UNAVAILABLE and a partner slower than its deadline TIMEOUT, while the
 //! other partners' answers stay complete.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
 use std::time::{Duration, Instant};
 
 use meshgate_tests::{
