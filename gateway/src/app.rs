@@ -201,15 +201,18 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         .execute(gql_request.data(context.clone()))
         .await;
 
-    // Errors async-graphql raised itself (validation) have no code yet.
-    let validation_failed = response.data == async_graphql::Value::Null;
+    // Errors async-graphql raised itself (validation) have no code yet;
+    // every error a resolver raises has one.
+    let mut validation_failed = false;
     for error in &mut response.errors {
         let has_code = error
             .extensions
             .as_ref()
             .is_some_and(|e| e.get("code").is_some());
         if !has_code {
-            let code = if validation_failed {
+            let validation = response.data == async_graphql::Value::Null;
+            validation_failed |= validation;
+            let code = if validation {
                 "GRAPHQL_VALIDATION_FAILED"
             } else {
                 "INTERNAL_SERVER_ERROR"
@@ -247,7 +250,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         // Fail closed: no data leaves without its audit record.
         return audit_unavailable(&request_id);
     }
-    let status = if validation_failed && !response.errors.is_empty() {
+    let status = if validation_failed {
         StatusCode::BAD_REQUEST
     } else {
         StatusCode::OK

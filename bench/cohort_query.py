@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Cohort query over three Orthanc partners: meshgate versus a researcher's script.
+
+Synthesises three partners (default 2,000 studies each), loads each into its
+own Orthanc with the DICOMweb plugin, starts the release `meshgate serve` in
+front of them, and times the demo's cohort question — CT or MR studies of the
+chest between 2018 and 2022 — two ways in the same run:
+
+  meshgate   cohortCount, and imagingStudies(first: 20) with FHIR and series;
+  baseline   what a researcher would script without meshgate: each partner's
+             QIDO-RS in turn (series-level search for the count, then series
+             and instances of the 20 newest matching studies).
+
+Prints medians and the ratio meshgate / baseline (lower is better), and checks
+both found the same number of studies. Data and Orthanc storage are kept in
+--work between runs so only the first run pays for loading.
+
+    cargo build --release -p meshgate-gateway
+    python3 bench/cohort_query.py [--studies 2000] [--runs 15]
+"""
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+PARTNERS = [("north", 11), ("south", 22), ("east", 33)]
+FILTER = {"modalities": ["CT", "MR"], "bodyPart": "CHEST",
+          "studyDate": {"from": "2018-01-01", "to": "2022-12-31"}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url) as r:
+        body = r.read()
+    return json.loads(body) if body.strip() else []
+
+
+def start_orthanc(name, storage):
+    storage.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = {"Name": name, "StorageDirectory": str(storage / "db"), "IndexDirectory": str(storage / "db"),
+              "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (storage / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["Orthanc", str(storage / "orthanc.json")],
+                            stdout=subprocess.DEVNULL, stderr=open(storage / "orthanc.log", "w"))
+    for _ in range(400):
+        try:
+            get_json(f"http://127.0.0.1:{port}/system")
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"Orthanc {name} did not start")
+
+
+def load(port, dicom_dir):
+    files = sorted(str(p) for p in pathlib.Path(dicom_dir).rglob("*.dcm"))
+    chunks = [files[i::8] for i in range(8)]
+
+    def upload(chunk):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        for path in chunk:
+            with open(path, "rb") as f:
+                conn.request("POST", "/instances", body=f.read())
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                raise SystemExit(f"upload failed: {r.status}")
+        conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(upload, chunks))
+    return len(files)
+
+
+def timed(fn, runs):
+    times, result = [], None
+    for _ in range(runs):
+        t = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), max(times), result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--work", default="/tmp/meshgate-bench")
+    args = ap.parse_args()
+    binary = ROOT / "target/release/meshgate"
+    if not binary.exists():
+        raise SystemExit("build first: cargo build --release -p meshgate-gateway")
+    work = pathlib.Path(args.work) / str(args.studies)
+    procs, ports = [], {}
+    try:
+        for name, seed in PARTNERS:
+            data = work / name
+            if not (data / "manifest.jsonl").exists():
+                subprocess.run([binary, "synth", "--partner", name, "--studies", str(args.studies),
+                                "--seed", str(seed), "--out", data], check=True, stdout=subprocess.DEVNULL)
+            proc, port = start_orthanc(name, work / f"orthanc-{name}")
+            procs.append(proc)
+            ports[name] = port
+            stats = get_json(f"http://127.0.0.1:{port}/statistics")
+            if stats["CountStudies"] != args.studies:
+                t = time.perf_counter()
+                n = load(port, data / "dicom")
+                print(f"loaded {n} instances into {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+        config = work / "meshgate.toml"
+        text = 'listen = "127.0.0.1:0"\n'
+        for name, _ in PARTNERS:
+            text += (f'\n[[partners]]\nid = "{name}"\nname = "{name}"\ndeadline_ms = 30000\nutc_offset = "+01:00"\n'
+                     f'[partners.connector]\nkind = "dicomweb"\nprofile = "orthanc"\n'
+                     f'url = "http://127.0.0.1:{ports[name]}/dicom-web/"\n')
+        config.write_text(text)
+        gateway = subprocess.Popen([binary, "serve", "--config", config], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        procs.append(gateway)
+        line = gateway.stdout.readline()
+        url = line.split("http://")[1].split()[0]
+        endpoint = "http://" + url
+
+        def gql(query):
+            req = urllib.request.Request(endpoint, data=json.dumps({"query": query, "variables": {"f": FILTER}}).encode(),
+                                         headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req) as r:
+                body = json.load(r)
+            if "errors" in body:
+                raise SystemExit(body["errors"])
+            return body["data"]
+
+        def meshgate_count():
+            return gql("query($f: StudyFilter){ cohortCount(filter: $f) { total complete } }")["cohortCount"]["total"]
+
+        def meshgate_page():
+            data = gql("query($f: StudyFilter){ imagingStudies(filter: $f, first: 20) "
+                       "{ nodes { studyInstanceUid fhir } totalCount } }")["imagingStudies"]
+            return data["totalCount"], len(data["nodes"])
+
+        def baseline_matches():
+            found = []
+            for name, _ in PARTNERS:
+                base = f"http://127.0.0.1:{ports[name]}/dicom-web"
+                series = get_json(f"{base}/series?BodyPartExamined=CHEST&Modality=CT,MR"
+                                  f"&StudyDate=20180101-20221231&includefield=0020000D,00080020,00080030")
+                studies = {}
+                for s in series:
+                    uid = s["0020000D"]["Value"][0]
+                    when = s.get("00080020", {}).get("Value", [""])[0] + s.get("00080030", {}).get("Value", [""])[0]
+                    studies[uid] = (when, name)
+                found += [(when, name, uid) for uid, (when, name) in studies.items()]
+            return found
+
+        def baseline_count():
+            return len(baseline_matches())
+
+        def baseline_page():
+            found = sorted(baseline_matches(), key=lambda x: (-int(x[0][:14] or 0), x[1], x[2]))
+            for _, name, uid in found[:20]:
+                base = f"http://127.0.0.1:{ports[name]}/dicom-web"
+                get_json(f"{base}/studies/{uid}/series")
+                get_json(f"{base}/studies/{uid}/instances")
+            return len(found), min(20, len(found))
+
+        gql("{ partners { id } }")  # warm up connections
+        results = {}
+        for label, fn in [("count: meshgate", meshgate_count), ("count: baseline", baseline_count),
+                          ("page of 20: meshgate", meshgate_page), ("page of 20: baseline", baseline_page)]:
+            fn()
+            results[label] = timed(fn, args.runs)
+        mc, bc = results["count: meshgate"][2], results["count: baseline"][2]
+        mp, bp = results["page of 20: meshgate"][2], results["page of 20: baseline"][2]
+        if mc != bc or mp[0] != bp[0]:
+            raise SystemExit(f"answers differ: meshgate {mc}/{mp}, baseline {bc}/{bp}")
+        print(f"cohort: CT or MR, CHEST, 2018-2022 over 3 Orthanc partners x {args.studies} studies "
+              f"-> {mc} studies; {args.runs} runs each, median (max) ms")
+        for label, (median, worst, _) in results.items():
+            print(f"  {label:<22} {median:8.1f} ({worst:.1f})")
+        for what in ["count", "page of 20"]:
+            ratio = results[f"{what}: meshgate"][0] / results[f"{what}: baseline"][0]
+            print(f"  ratio meshgate/baseline, {what}: {ratio:.2f}")
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()
