@@ -71,6 +71,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                 url,
                 profile,
                 page_size,
+                max_results,
                 auth,
             } => {
                 let base_url = meshgate_connectors::dicomweb::Url::parse(url)
@@ -92,6 +93,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                         auth,
                         page_size: *page_size,
                         detail_concurrency: 8,
+                        max_results: *max_results,
                     })
                     .map_err(failed)?,
                 )

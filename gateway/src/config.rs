@@ -77,6 +77,10 @@ pub enum ConnectorConfig {
         profile: Profile,
         #[serde(default)]
         page_size: Option<u32>,
+        /// The most results the backend returns for one search, if it caps
+        /// them; reaching it is reported as TRUNCATED.
+        #[serde(default)]
+        max_results: Option<u32>,
         #[serde(default)]
         auth: AuthConfig,
     },

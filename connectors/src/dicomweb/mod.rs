@@ -52,6 +52,10 @@ pub struct DicomWebSettings {
     pub page_size: Option<u32>,
     /// How many series/instance look-ups run at once when loading details.
     pub detail_concurrency: usize,
+    /// The most results the backend returns for one search, when the
+    /// operator knows it caps them (overrides the profile's cap). Reaching
+    /// it makes the partner's status TRUNCATED.
+    pub max_results: Option<u32>,
 }
 
 /// A partner reached over DICOMweb.
@@ -110,6 +114,12 @@ impl DicomWebConnector {
         })
     }
 
+    fn max_results(&self) -> Option<u32> {
+        self.settings
+            .max_results
+            .or(self.settings.profile.max_results())
+    }
+
     /// Fetches every row of a QIDO-RS search, page by page, de-duplicated by
     /// `key`. Returns the rows and whether the backend's result cap was hit.
     async fn search_all(
@@ -121,7 +131,7 @@ impl DicomWebConnector {
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
         let mut offset: u32 = 0;
-        let cap = self.settings.profile.max_results();
+        let cap = self.max_results();
         loop {
             let limit = match cap {
                 Some(cap) if offset >= cap => return Ok((rows, true)),
@@ -337,7 +347,7 @@ impl Connector for DicomWebConnector {
             native_filters,
             paging: PagingStyle::LimitOffset,
             max_page_size: Some(self.settings.profile.max_page_size()),
-            max_results: self.settings.profile.max_results(),
+            max_results: self.max_results(),
         }
     }
 
