@@ -80,10 +80,10 @@ async fn studies(
         Quirk::Garbage => {
             return (StatusCode::OK, "<html>SECRET-UPSTREAM-BODY</html>").into_response();
         }
-        Quirk::RequireAuth(expected) => {
-            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected) {
-                return StatusCode::UNAUTHORIZED.into_response();
-            }
+        Quirk::RequireAuth(expected)
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected) =>
+        {
+            return StatusCode::UNAUTHORIZED.into_response();
         }
         _ => {}
     }
