@@ -104,7 +104,8 @@ def main():
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--work", default="/tmp/meshgate-bench")
     args = ap.parse_args()
-    binary = ROOT / "target/release/meshgate"
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = target / "release/meshgate"
     if not binary.exists():
         raise SystemExit("build first: cargo build --release -p meshgate-gateway")
     work = pathlib.Path(args.work) / str(args.studies)

@@ -41,6 +41,15 @@ pub struct ManifestRow {
     pub body_parts: Vec<String>,
     pub number_of_series: u32,
     pub number_of_instances: u32,
+    /// Modality and body part of each series, in series order.
+    pub series: Vec<ManifestSeries>,
+}
+
+/// What a filter can ask of one series.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestSeries {
+    pub modality: String,
+    pub body_part: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -363,6 +372,7 @@ pub fn synthesise(spec: &SynthSpec, out: &Path) -> Result<Vec<ManifestRow>, Synt
         let mut modalities: Vec<String> = Vec::new();
         let mut body_parts = vec![exam.body_part.to_owned()];
         let mut instance_total = 0u32;
+        let mut series_rows = Vec::with_capacity(series_count);
         let study_dir = dicom_root.join(format!("study{study_index:05}"));
         for series_index in 0..series_count {
             // PET studies come with their attenuation-correction CT.
@@ -375,6 +385,10 @@ pub fn synthesise(spec: &SynthSpec, out: &Path) -> Result<Vec<ManifestRow>, Synt
                     exam.series[series_index % exam.series.len()],
                 )
             };
+            series_rows.push(ManifestSeries {
+                modality: modality.to_owned(),
+                body_part: exam.body_part.to_owned(),
+            });
             if !modalities.iter().any(|m| m == modality) {
                 modalities.push(modality.to_owned());
             }
@@ -482,6 +496,7 @@ pub fn synthesise(spec: &SynthSpec, out: &Path) -> Result<Vec<ManifestRow>, Synt
             body_parts,
             number_of_series: u32::try_from(series_count).unwrap_or(u32::MAX),
             number_of_instances: instance_total,
+            series: series_rows,
         });
     }
     write_manifest(&rows, &out.join(MANIFEST_FILE))?;

@@ -56,9 +56,10 @@ pub struct AgeRangeInput {
 /// every study.
 #[derive(InputObject, Debug, Clone, Default)]
 pub struct StudyFilter {
-    /// The study includes at least one series of one of these modalities.
+    /// The study has a series of one of these modalities.
     pub modalities: Option<Vec<Modality>>,
-    /// Body Part Examined of at least one series (DICOM defined term, e.g. CHEST).
+    /// Body Part Examined of a series (DICOM defined term, e.g. CHEST). Given
+    /// with `modalities`, one series must match both: "CT or MR of the chest".
     pub body_part: Option<String>,
     pub study_date: Option<DateRangeInput>,
     /// Case-insensitive text the study description contains.

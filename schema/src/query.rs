@@ -46,9 +46,10 @@ impl AgeRange {
 /// for a study to match; an empty filter matches every study.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct StudyQuery {
-    /// The study has at least one of these modalities (empty: any).
+    /// The study has a series of one of these modalities (empty: any).
     pub modalities: BTreeSet<Modality>,
-    /// Body Part Examined of at least one series, upper case.
+    /// Body Part Examined of a series, upper case. With `modalities`, the
+    /// same series must match both.
     pub body_part: Option<String>,
     pub study_date: Option<DateRange>,
     /// Case-insensitive substring of the study description, lower case.
@@ -227,16 +228,13 @@ impl StudyQuery {
     /// Whether `study` satisfies the named parts of the filter; connectors
     /// use this for what their backend could not filter itself.
     pub fn matches_on(&self, study: &Study, kinds: &BTreeSet<FilterKind>) -> bool {
+        let modality = kinds.contains(&FilterKind::Modality);
+        let body_part = kinds.contains(&FilterKind::BodyPart);
+        if (modality || body_part) && !self.matches_series_level(study, modality, body_part) {
+            return false;
+        }
         kinds.iter().all(|kind| match kind {
-            FilterKind::Modality => study
-                .modalities
-                .iter()
-                .filter_map(|code| Modality::from_code(code))
-                .any(|m| self.modalities.contains(&m)),
-            FilterKind::BodyPart => self
-                .body_part
-                .as_ref()
-                .is_none_or(|part| study.body_parts.iter().any(|p| p == part)),
+            FilterKind::Modality | FilterKind::BodyPart => true,
             FilterKind::StudyDate => self
                 .study_date
                 .is_none_or(|range| study.date.is_some_and(|d| range.contains(d))),
@@ -254,6 +252,33 @@ impl StudyQuery {
                 .is_none_or(|range| study.age_at_study().is_some_and(|a| range.contains(a))),
             FilterKind::StudyUid => self.study_uids.contains(&study.uid),
         })
+    }
+
+    /// Modality and body part describe one series: the study must have a
+    /// series of one of the modalities *and* of the body part. With only a
+    /// study-level summary (no series loaded) each is checked on its own.
+    fn matches_series_level(&self, study: &Study, modality: bool, body_part: bool) -> bool {
+        let modality_ok = |code: Option<&str>| {
+            !modality
+                || code
+                    .and_then(Modality::from_code)
+                    .is_some_and(|m| self.modalities.contains(&m))
+        };
+        let part_ok = |part: Option<&str>| {
+            !body_part
+                || self
+                    .body_part
+                    .as_deref()
+                    .is_none_or(|want| part == Some(want))
+        };
+        if study.series.is_empty() {
+            study.modalities.iter().any(|code| modality_ok(Some(code)))
+                && (!body_part || study.body_parts.iter().any(|part| part_ok(Some(part))))
+        } else {
+            study.series.iter().any(|series| {
+                modality_ok(series.modality.as_deref()) && part_ok(series.body_part.as_deref())
+            })
+        }
     }
 
     /// A stable digest of the normalised filter: equal filters, equal digest.
@@ -409,6 +434,35 @@ mod tests {
             let label = format!("{filter:?}");
             assert_eq!(query(filter).matches(&study), expected, "{label}");
         }
+    }
+
+    #[test]
+    fn modality_and_body_part_must_hold_for_the_same_series() {
+        let series = |modality: &str, part: &str| crate::Series {
+            uid: format!("1.{modality}"),
+            modality: Some(modality.into()),
+            body_part: Some(part.into()),
+            ..crate::Series::default()
+        };
+        let mut study = ct_chest_2019();
+        study.set_series(vec![series("CT", "HEAD"), series("MR", "CHEST")]);
+        let ct_chest = query(StudyFilter {
+            modalities: Some(vec![Modality::Ct]),
+            body_part: Some("CHEST".into()),
+            ..Default::default()
+        });
+        let mr_chest = query(StudyFilter {
+            modalities: Some(vec![Modality::Mr]),
+            body_part: Some("CHEST".into()),
+            ..Default::default()
+        });
+        let ct_only = query(StudyFilter {
+            modalities: Some(vec![Modality::Ct]),
+            ..Default::default()
+        });
+        assert!(!ct_chest.matches(&study));
+        assert!(mr_chest.matches(&study));
+        assert!(ct_only.matches(&study));
     }
 
     #[test]

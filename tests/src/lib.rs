@@ -405,15 +405,11 @@ impl Cohort {
     }
 
     fn matches(&self, partner: &str, row: &ManifestRow) -> bool {
-        (self.modalities.is_empty()
-            || row
-                .modalities
-                .iter()
-                .any(|m| self.modalities.contains(&m.as_str())))
-            && self
-                .body_part
-                .is_none_or(|p| row.body_parts.iter().any(|b| b == p))
-            && self.from.is_none_or(|d| row.study_date >= d)
+        // Modality and body part must hold for the same series.
+        row.series.iter().any(|series| {
+            (self.modalities.is_empty() || self.modalities.contains(&series.modality.as_str()))
+                && self.body_part.is_none_or(|p| series.body_part == p)
+        }) && self.from.is_none_or(|d| row.study_date >= d)
             && self.to.is_none_or(|d| row.study_date <= d)
             && self
                 .description

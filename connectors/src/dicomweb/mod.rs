@@ -8,7 +8,7 @@
 
 mod profile;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use meshgate_schema::dicom::{DicomAttributes, Tag, format_date, tags};
 use meshgate_schema::study::assemble_series;
 use meshgate_schema::{
-    Capabilities, ConnectorKind, FilterKind, PagingStyle, Series, Study, StudyQuery,
+    Capabilities, ConnectorKind, FilterKind, Modality, PagingStyle, Series, Study, StudyQuery,
 };
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
@@ -88,8 +88,21 @@ const INSTANCE_FIELDS: &[Tag] = &[
     tags::SOP_CLASS_UID,
     tags::INSTANCE_NUMBER,
 ];
-/// More UIDs than this are filtered after fetching instead of in the URL.
-const MAX_UIDS_IN_URL: usize = 100;
+/// More UIDs than this in one URL are split (or filtered after fetching).
+const MAX_UIDS_IN_URL: usize = 50;
+/// Up to this many studies matched at series level are fetched by UID;
+/// beyond it one study-level search is cheaper.
+const MAX_STUDIES_BY_UID: usize = 500;
+
+/// What to ask the backend for one query.
+#[derive(Debug)]
+struct SearchPlan {
+    study: Vec<(String, String)>,
+    /// Series-level searches, one per modality group the backend accepts.
+    series: Vec<Vec<(String, String)>>,
+    /// Filter kinds the connector checks on what comes back.
+    residual: BTreeSet<FilterKind>,
+}
 
 impl DicomWebConnector {
     pub fn new(mut settings: DicomWebSettings) -> Result<DicomWebConnector, ConnectorError> {
@@ -210,102 +223,116 @@ impl DicomWebConnector {
             .map_err(|_| ConnectorError::Config("the DICOMweb URL is not valid".into()))
     }
 
-    /// The study-level parameters for what this backend filters natively,
-    /// and the filter kinds the connector must check itself. Pushed-down
-    /// filters are checked again locally where the returned attributes allow
-    /// it (cheap, and it guards against lenient backend matching); body part
-    /// is answered exactly by [`Self::studies_with_body_part`].
-    fn study_params(&self, query: &StudyQuery) -> (Vec<(String, String)>, BTreeSet<FilterKind>) {
+    /// Decides what to ask the backend for a query: the study-level search,
+    /// the series-level searches that answer modality and body part (which
+    /// describe one series), and what the connector must check itself.
+    /// Pushed-down filters are checked again locally wherever the returned
+    /// attributes allow it: cheap, and it guards against lenient matching.
+    fn plan(&self, query: &StudyQuery) -> SearchPlan {
         let profile = self.settings.profile;
-        let mut params = vec![("includefield".to_owned(), include_fields(STUDY_FIELDS))];
-        let mut residual = query.filters_used();
-        residual.remove(&FilterKind::BodyPart);
+        // Study-level keys that both QIDO-RS levels accept.
+        let mut shared = Vec::new();
         if let Some(range) = query.study_date {
             let from = range.from.map(format_date).unwrap_or_default();
             let to = range.to.map(format_date).unwrap_or_default();
-            params.push(("StudyDate".into(), format!("{from}-{to}")));
+            shared.push(("StudyDate".to_owned(), format!("{from}-{to}")));
         }
         if let Some(sex) = query.patient_sex {
-            params.push(("PatientSex".into(), sex.code().into()));
-        }
-        if let Some(list) = self.study_level_modalities(query) {
-            params.push(("ModalitiesInStudy".into(), list));
+            shared.push(("PatientSex".to_owned(), sex.code().to_owned()));
         }
         if !query.study_uids.is_empty() && query.study_uids.len() <= MAX_UIDS_IN_URL {
             let list: Vec<&str> = query.study_uids.iter().map(String::as_str).collect();
-            params.push(("StudyInstanceUID".into(), list.join(",")));
+            shared.push(("StudyInstanceUID".to_owned(), list.join(",")));
         }
+        let mut study = vec![("includefield".to_owned(), include_fields(STUDY_FIELDS))];
+        study.extend(shared.iter().cloned());
         if let Some(needle) = &query.description
             && let Some(pattern) = profile.contains_pattern(needle)
         {
-            params.push(("StudyDescription".into(), pattern));
+            study.push(("StudyDescription".to_owned(), pattern));
         }
-        (params, residual)
+        let mut residual = query.filters_used();
+        residual.remove(&FilterKind::BodyPart);
+
+        let modalities: Vec<&str> = query.modalities.iter().map(|m| m.code()).collect();
+        let at_series_level = query.body_part.is_some()
+            || (!modalities.is_empty() && !profile.pages_modalities_in_study());
+        let mut series = Vec::new();
+        if at_series_level {
+            residual.remove(&FilterKind::Modality);
+            let groups: Vec<Option<String>> = if modalities.is_empty() {
+                vec![None]
+            } else if profile.modality_lists() {
+                vec![Some(modalities.join(","))]
+            } else {
+                modalities.iter().map(|m| Some((*m).to_owned())).collect()
+            };
+            for group in groups {
+                let mut params = shared.clone();
+                params.push((
+                    "includefield".to_owned(),
+                    include_fields(&[
+                        tags::STUDY_INSTANCE_UID,
+                        tags::MODALITY,
+                        tags::BODY_PART_EXAMINED,
+                    ]),
+                ));
+                if let Some(group) = group {
+                    params.push(("Modality".to_owned(), group));
+                }
+                if let Some(part) = &query.body_part {
+                    params.push(("BodyPartExamined".to_owned(), profile.exact_pattern(part)));
+                }
+                series.push(params);
+            }
+        } else if modalities.len() == 1 || (modalities.len() > 1 && profile.modality_lists()) {
+            study.push(("ModalitiesInStudy".to_owned(), modalities.join(",")));
+        }
+        SearchPlan {
+            study,
+            series,
+            residual,
+        }
     }
 
-    /// `ModalitiesInStudy` for the study-level search, when the backend
-    /// can page through it.
-    fn study_level_modalities(&self, query: &StudyQuery) -> Option<String> {
-        let profile = self.settings.profile;
-        let pushable = match query.modalities.len() {
-            0 => false,
-            1 => profile.pages_modalities_in_study(),
-            _ => profile.pages_modalities_in_study() && profile.modality_lists(),
-        };
-        pushable.then(|| modality_list(query))
-    }
-
-    /// Series-level searches that narrow the study list: body part always
-    /// (a series attribute), modality where the study level cannot page it.
-    /// Each yields the UIDs of studies with a matching series.
-    fn series_constraints(&self, query: &StudyQuery) -> Vec<(Tag, String)> {
-        let profile = self.settings.profile;
-        let mut constraints = Vec::new();
-        if let Some(part) = &query.body_part {
-            constraints.push((tags::BODY_PART_EXAMINED, part.clone()));
-        }
-        if !query.modalities.is_empty()
-            && self.study_level_modalities(query).is_none()
-            && (query.modalities.len() == 1 || profile.modality_lists())
-        {
-            constraints.push((tags::MODALITY, modality_list(query)));
-        }
-        constraints
-    }
-
-    /// The UIDs of studies with a series whose `tag` matches `value` (a
-    /// comma-separated list for modality; exactly, for body part).
-    async fn studies_with_series(
+    /// Runs the series-level searches; returns the matching studies' UIDs
+    /// with the body parts of their matching series.
+    async fn matching_series(
         &self,
-        tag: Tag,
-        value: &str,
-    ) -> Result<(HashSet<String>, bool), ConnectorError> {
-        let exact = tag == tags::BODY_PART_EXAMINED;
-        let pattern = if exact {
-            self.settings.profile.exact_pattern(value)
-        } else {
-            value.to_owned()
-        };
-        let params = vec![
-            (keyword(tag).to_owned(), pattern),
-            (
-                "includefield".to_owned(),
-                include_fields(&[tags::STUDY_INSTANCE_UID, tag]),
-            ),
-        ];
-        let (rows, truncated) = self
-            .search_all("series", &params, tags::SERIES_INSTANCE_UID)
-            .await?;
-        let studies = rows
-            .iter()
-            .filter(|row| {
-                !exact
+        query: &StudyQuery,
+        searches: &[Vec<(String, String)>],
+    ) -> Result<(HashMap<String, BTreeSet<String>>, bool), ConnectorError> {
+        let answers = futures::future::try_join_all(
+            searches
+                .iter()
+                .map(|params| self.search_all("series", params, tags::SERIES_INSTANCE_UID)),
+        )
+        .await?;
+        let mut studies: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut truncated = false;
+        for (rows, capped) in answers {
+            truncated |= capped;
+            for row in rows {
+                let modality_ok = query.modalities.is_empty()
                     || row
-                        .text(tag)
-                        .is_some_and(|found| found.eq_ignore_ascii_case(value))
-            })
-            .filter_map(|row| row.text(tags::STUDY_INSTANCE_UID))
-            .collect();
+                        .text(tags::MODALITY)
+                        .and_then(|code| Modality::from_code(&code))
+                        .is_some_and(|m| query.modalities.contains(&m));
+                let part = row
+                    .text(tags::BODY_PART_EXAMINED)
+                    .map(|p| p.to_ascii_uppercase());
+                let part_ok = query
+                    .body_part
+                    .as_ref()
+                    .is_none_or(|want| part.as_ref() == Some(want));
+                if modality_ok
+                    && part_ok
+                    && let Some(uid) = row.text(tags::STUDY_INSTANCE_UID)
+                {
+                    studies.entry(uid).or_default().extend(part);
+                }
+            }
+        }
         Ok((studies, truncated))
     }
 
@@ -352,27 +379,65 @@ impl Connector for DicomWebConnector {
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
-        let (params, residual) = self.study_params(query);
-        let constraints = self.series_constraints(query);
-        let studies = self.search_all("studies", &params, tags::STUDY_INSTANCE_UID);
-        let narrowing = futures::future::try_join_all(
-            constraints
-                .iter()
-                .map(|(tag, value)| self.studies_with_series(*tag, value)),
-        );
-        let ((rows, mut truncated), narrowing) = futures::try_join!(studies, narrowing)?;
-        truncated |= narrowing.iter().any(|(_, t)| *t);
+        let plan = self.plan(query);
+        let (rows, truncated, matched) = if plan.series.is_empty() {
+            let (rows, truncated) = self
+                .search_all("studies", &plan.study, tags::STUDY_INSTANCE_UID)
+                .await?;
+            (rows, truncated, None)
+        } else {
+            // Series first: usually far fewer studies match than the study-level
+            // keys alone would return, so they are then fetched by UID.
+            let (matched, series_truncated) = self.matching_series(query, &plan.series).await?;
+            let (rows, truncated) = if matched.is_empty() {
+                (Vec::new(), false)
+            } else if matched.len() <= MAX_STUDIES_BY_UID {
+                let mut uids: Vec<&String> = matched.keys().collect();
+                uids.sort();
+                let searches: Vec<Vec<(String, String)>> = uids
+                    .chunks(MAX_UIDS_IN_URL)
+                    .map(|chunk| {
+                        let mut params: Vec<(String, String)> = plan
+                            .study
+                            .iter()
+                            .filter(|(key, _)| key != "StudyInstanceUID")
+                            .cloned()
+                            .collect();
+                        let list: Vec<&str> = chunk.iter().map(|uid| uid.as_str()).collect();
+                        params.push(("StudyInstanceUID".to_owned(), list.join(",")));
+                        params
+                    })
+                    .collect();
+                let pages: Vec<(Vec<DicomJson>, bool)> = stream::iter(searches)
+                    .map(|params| async move {
+                        self.search_all("studies", &params, tags::STUDY_INSTANCE_UID)
+                            .await
+                    })
+                    .buffered(4)
+                    .try_collect()
+                    .await?;
+                let truncated = pages.iter().any(|(_, t)| *t);
+                (
+                    pages.into_iter().flat_map(|(rows, _)| rows).collect(),
+                    truncated,
+                )
+            } else {
+                self.search_all("studies", &plan.study, tags::STUDY_INSTANCE_UID)
+                    .await?
+            };
+            (rows, truncated || series_truncated, Some(matched))
+        };
+        let mut seen = HashSet::new();
         let studies = rows
             .iter()
             .filter_map(Study::from_attributes)
-            .filter(|study| narrowing.iter().all(|(uids, _)| uids.contains(&study.uid)))
-            .map(|mut study| {
-                if let Some(part) = &query.body_part {
-                    study.body_parts = vec![part.clone()];
+            .filter(|study| seen.insert(study.uid.clone()))
+            .filter_map(|mut study| {
+                if let Some(matched) = &matched {
+                    study.body_parts = matched.get(&study.uid)?.iter().cloned().collect();
                 }
-                study
+                query.matches_on(&study, &plan.residual).then_some(study)
             })
-            .filter(|study| query.matches_on(study, &residual))
             .collect();
         Ok(SearchOutcome { studies, truncated })
     }
@@ -390,24 +455,6 @@ impl Connector for DicomWebConnector {
             study.set_series(series);
         }
         Ok(())
-    }
-}
-
-fn modality_list(query: &StudyQuery) -> String {
-    query
-        .modalities
-        .iter()
-        .map(|m| m.code())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// The DICOM keyword of an attribute used as a series-level constraint.
-fn keyword(tag: Tag) -> &'static str {
-    if tag == tags::BODY_PART_EXAMINED {
-        "BodyPartExamined"
-    } else {
-        "Modality"
     }
 }
 
