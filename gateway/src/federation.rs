@@ -40,6 +40,8 @@ struct PartnerSearch {
     partner: Arc<Partner>,
     deadline: Instant,
     started: Instant,
+    /// Time spent on this partner so far (search, then series for the page).
+    elapsed: Duration,
     result: Result<SearchOutcome, Failure>,
     /// Set when the detail phase failed after the search succeeded.
     detail_failure: Option<Failure>,
@@ -145,6 +147,7 @@ impl Federation {
                 partner,
                 deadline,
                 started,
+                elapsed: started.elapsed(),
                 result,
                 detail_failure: None,
             }
@@ -207,7 +210,7 @@ impl Federation {
         let loaded = join_all(searches.iter().zip(per_partner).map(
             |(search, bucket)| async move {
                 if bucket.is_empty() {
-                    return (bucket, None);
+                    return (bucket, None, None);
                 }
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();
                 let failure = match timeout_at(
@@ -223,14 +226,22 @@ impl Federation {
                 if let Some(failure) = &failure {
                     log_failure(&search.partner.id, failure, "series");
                 }
-                (positions.into_iter().zip(studies).collect(), failure)
+                let elapsed = search.started.elapsed();
+                (
+                    positions.into_iter().zip(studies).collect(),
+                    failure,
+                    Some(elapsed),
+                )
             },
         ))
         .await;
 
         let mut slots: Vec<Option<FoundStudy>> = vec![None; merged.len()];
-        for (search, (bucket, failure)) in searches.iter_mut().zip(loaded) {
+        for (search, (bucket, failure, elapsed)) in searches.iter_mut().zip(loaded) {
             search.detail_failure = failure;
+            if let Some(elapsed) = elapsed {
+                search.elapsed = elapsed;
+            }
             for (position, study) in bucket {
                 if let Some(slot) = slots.get_mut(position) {
                     *slot = Some(FoundStudy {
@@ -251,7 +262,7 @@ impl Federation {
 
 fn status(search: &PartnerSearch) -> PartnerStatus {
     let latency_ms =
-        saturating_u32(usize::try_from(search.started.elapsed().as_millis()).unwrap_or(usize::MAX));
+        saturating_u32(usize::try_from(search.elapsed.as_millis()).unwrap_or(usize::MAX));
     let partner = ID(search.partner.id.clone());
     match (&search.result, &search.detail_failure) {
         (Ok(outcome), None) => PartnerStatus {

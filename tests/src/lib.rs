@@ -123,7 +123,8 @@ impl Orthanc {
             _storage: storage,
         };
         let client = reqwest::Client::new();
-        for _ in 0..200 {
+        // Up to 30 s: a first start on a fresh machine creates the index.
+        for _ in 0..600 {
             if let Ok(response) = client
                 .get(format!("{}/dicom-web/studies?limit=1", orthanc.url()))
                 .send()

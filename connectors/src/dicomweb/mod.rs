@@ -177,18 +177,34 @@ impl DicomWebConnector {
         params: &[(String, String)],
     ) -> Result<Vec<DicomJson>, ConnectorError> {
         let url = self.url(path, params)?;
-        let mut request = self
-            .client
-            .get(url)
-            .header(reqwest::header::ACCEPT, "application/dicom+json");
-        request = match &self.settings.auth {
-            Auth::None => request,
-            Auth::Basic { username, password } => {
-                request.basic_auth(username, Some(password.expose()))
+        let request = || {
+            let request = self
+                .client
+                .get(url.clone())
+                .header(reqwest::header::ACCEPT, "application/dicom+json");
+            match &self.settings.auth {
+                Auth::None => request,
+                Auth::Basic { username, password } => {
+                    request.basic_auth(username, Some(password.expose()))
+                }
+                Auth::Bearer { token } => request.bearer_auth(token.expose()),
             }
-            Auth::Bearer { token } => request.bearer_auth(token.expose()),
         };
-        let response = request.send().await.map_err(transport_error)?;
+        // A pooled keep-alive connection can be closed by the server just as
+        // it is reused (Orthanc closes idle ones after a second); the request
+        // never got an answer, so one immediate retry of this idempotent GET
+        // on a fresh connection is safe. Timeouts are not retried.
+        let response = match request().send().await {
+            Ok(response) => response,
+            Err(error) if !error.is_timeout() => {
+                tracing::debug!(
+                    kind = transport_kind(&error),
+                    "retrying a QIDO-RS request once"
+                );
+                request().send().await.map_err(transport_error)?
+            }
+            Err(error) => return Err(transport_error(error)),
+        };
         match response.status() {
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -468,13 +484,17 @@ fn include_fields(fields: &[Tag]) -> String {
 
 /// Transport failures, described without the URL (it carries query values).
 fn transport_error(error: reqwest::Error) -> ConnectorError {
+    ConnectorError::Unreachable(transport_kind(&error))
+}
+
+fn transport_kind(error: &reqwest::Error) -> &'static str {
     if error.is_timeout() {
-        ConnectorError::Unreachable("timed out")
+        "timed out"
     } else if error.is_connect() {
-        ConnectorError::Unreachable("connection failed")
+        "connection failed"
     } else if error.is_body() || error.is_decode() {
-        ConnectorError::Unreachable("response interrupted")
+        "response interrupted"
     } else {
-        ConnectorError::Unreachable("request failed")
+        "request failed"
     }
 }
