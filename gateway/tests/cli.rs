@@ -94,3 +94,84 @@ fn synth_writes_dicom_files_and_a_manifest_row_per_study() {
     assert_eq!(manifest.lines().count(), 4);
     assert!(dir.path().join("dicom").is_dir());
 }
+
+#[test]
+fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = KillOnDrop(
+        meshgate()
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--studies",
+                "40",
+                "--data",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(demo.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on http://127.0.0.1:"), "{line}");
+    let address = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    for partner in ["north", "south", "east"] {
+        assert!(dir.path().join(partner).join("manifest.jsonl").exists());
+    }
+
+    // The sample query the demo prints, over plain HTTP/1.1.
+    let body = serde_json::json!({"query": meshgate_gateway::demo::SAMPLE_QUERY}).to_string();
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        stream,
+        "POST /graphql HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let statuses = json["data"]["imagingStudies"]["partners"]
+        .as_array()
+        .unwrap();
+    assert_eq!(statuses.len(), 3, "{json}");
+    assert!(statuses.iter().all(|s| s["status"] == "OK"), "{json}");
+    assert!(
+        json["data"]["cohortCount"]["total"].as_u64().is_some(),
+        "{json}"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &demo.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(
+        demo.0.wait().unwrap().success(),
+        "SIGTERM drains and exits 0"
+    );
+}
+
+/// A child process that cannot outlive a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
