@@ -30,6 +30,8 @@ enum Quirk {
     EmptyAs204,
     /// Every page after the first starts with the previous page's last row.
     RepeatRows,
+    /// Ignores `offset`: every page is the first page.
+    IgnoresOffset,
     /// Never returns more than this many rows in all (a silent cap).
     Cap(usize),
     /// Answers every request with this status and a body that must not leak.
@@ -92,6 +94,7 @@ async fn studies(
         _ => stand_in.rows.len(),
     };
     let start = match stand_in.quirk {
+        Quirk::IgnoresOffset => 0,
         Quirk::RepeatRows if offset > 0 => offset - 1,
         _ => offset,
     };
@@ -172,6 +175,16 @@ async fn rows_repeated_across_pages_are_returned_once() {
         search(&connector(&url, Auth::None, None)).await.unwrap(),
         (25, false)
     );
+}
+
+#[tokio::test]
+async fn a_backend_that_ignores_offset_is_reported_as_truncated_instead_of_looping() {
+    let (url, stand_in) = serve(25, Quirk::IgnoresOffset).await;
+    assert_eq!(
+        search(&connector(&url, Auth::None, None)).await.unwrap(),
+        (10, true)
+    );
+    assert_eq!(stand_in.requests.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -159,6 +159,7 @@ impl DicomWebConnector {
                 return Ok((rows, false));
             }
             offset = offset.saturating_add(u32::try_from(page.len()).unwrap_or(u32::MAX));
+            let before = rows.len();
             for row in page {
                 // Rows without the key cannot be de-duplicated or used.
                 if let Some(uid) = row.text(key)
@@ -166,6 +167,15 @@ impl DicomWebConnector {
                 {
                     rows.push(row);
                 }
+            }
+            if rows.len() == before {
+                // A whole page of rows already seen: the backend is not
+                // honouring `offset`, so what lies beyond cannot be reached.
+                tracing::warn!(
+                    path,
+                    "a DICOMweb backend repeated a whole page; reporting the result as truncated"
+                );
+                return Ok((rows, true));
             }
         }
     }
