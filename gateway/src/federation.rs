@@ -158,12 +158,7 @@ impl Federation {
     /// How many studies match, per partner.
     pub async fn count(&self, query: &StudyQuery) -> (u32, Vec<PartnerStatus>) {
         let searches = self.search(query).await;
-        let total = searches
-            .iter()
-            .filter_map(|s| s.result.as_ref().ok())
-            .map(|o| o.studies.len())
-            .sum::<usize>();
-        (saturating_u32(total), searches.iter().map(status).collect())
+        (total(&searches), searches.iter().map(status).collect())
     }
 
     /// The `first` studies after `after` in the merged order, with series
@@ -200,11 +195,7 @@ impl Federation {
                 bucket.push((position, std::mem::take(study)));
             }
         }
-        let total = searches
-            .iter()
-            .filter_map(|s| s.result.as_ref().ok())
-            .map(|o| o.studies.len())
-            .sum::<usize>();
+        let total = total(&searches);
 
         // Load series for the page, partner by partner, concurrently.
         let loaded = join_all(searches.iter().zip(per_partner).map(
@@ -254,10 +245,21 @@ impl Federation {
         MergedPage {
             studies: slots.into_iter().flatten().collect(),
             has_next_page,
-            total: saturating_u32(total),
+            total,
             statuses: searches.iter().map(status).collect(),
         }
     }
+}
+
+/// Matching studies across the partners that answered.
+fn total(searches: &[PartnerSearch]) -> u32 {
+    saturating_u32(
+        searches
+            .iter()
+            .filter_map(|s| s.result.as_ref().ok())
+            .map(|o| o.studies.len())
+            .sum(),
+    )
 }
 
 fn status(search: &PartnerSearch) -> PartnerStatus {
