@@ -175,7 +175,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             );
         }
     };
-    let gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
+    let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(_) => {
             return refuse(
@@ -187,7 +187,9 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             );
         }
     };
-    if let Err(error) = async_graphql::parser::parse_query(&gql_request.query) {
+    // Parsed once here (and kept in the request for execution) so that a
+    // syntax error gets its own code.
+    if let Err(error) = gql_request.parsed_query() {
         let message = format!("the query is not valid GraphQL: {error}");
         return refuse(
             &state,
