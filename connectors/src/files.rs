@@ -96,24 +96,21 @@ impl FilesConnector {
     }
 
     fn snapshot(&self) -> Arc<FolderIndex> {
-        match self.index.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        current(&self.index)
     }
+}
 
-    /// Re-scans now instead of waiting for the next interval.
-    pub async fn rescan(&self) -> Result<(), ConnectorError> {
-        rescan_into(&self.index).await
+/// The index as it stands now.
+fn current(index: &RwLock<Arc<FolderIndex>>) -> Arc<FolderIndex> {
+    match index.read() {
+        Ok(guard) => Arc::clone(&guard),
+        Err(poisoned) => Arc::clone(&poisoned.into_inner()),
     }
 }
 
 async fn rescan_into(index: &RwLock<Arc<FolderIndex>>) -> Result<(), ConnectorError> {
-    let current = match index.read() {
-        Ok(guard) => Arc::clone(&guard),
-        Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-    };
-    let next = tokio::task::spawn_blocking(move || FolderIndex::rescan(&current))
+    let now = current(index);
+    let next = tokio::task::spawn_blocking(move || FolderIndex::rescan(&now))
         .await
         .map_err(|_| ConnectorError::Storage("the indexing task failed".into()))??;
     match index.write() {

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use crate::config::{AuthConfig, ConnectorConfig, LoadedConfig, parse_utc_offset};
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, schema};
-use crate::request::{AuditRecord, AuditSink, LogAuditSink, RequestContext};
+use crate::request::{AuditSink, LogAuditSink, RequestContext};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -237,19 +237,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
                 .map(|c| c.to_string().trim_matches('"').to_owned())
         })
         .collect();
-    let record = AuditRecord {
-        request_id: context.request_id.clone(),
-        client: client.map(|c| c.ip().to_string()),
-        subject: context.principal.as_ref().map(|p| p.subject.clone()),
-        operation,
-        outcome: if response.errors.is_empty() {
-            "success"
-        } else {
-            "failure"
-        },
-        error_codes,
-        accesses: context.accesses(),
-    };
+    let record = context.audit_record(operation, error_codes);
     if state.audit.record(&record).is_err() {
         // Fail closed: no data leaves without its audit record.
         return audit_unavailable(&request_id);
@@ -274,15 +262,7 @@ fn refuse(
     code: &str,
     message: &str,
 ) -> Response {
-    let record = AuditRecord {
-        request_id: context.request_id.clone(),
-        client: context.client.map(|c| c.ip().to_string()),
-        subject: None,
-        operation: None,
-        outcome: "failure",
-        error_codes: vec![code.to_owned()],
-        accesses: Vec::new(),
-    };
+    let record = context.audit_record(None, vec![code.to_owned()]);
     if state.audit.record(&record).is_err() {
         return audit_unavailable(&context.request_id);
     }

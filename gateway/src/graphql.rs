@@ -70,20 +70,6 @@ impl ErrorExtensions for ApiError {
 #[derive(Debug)]
 pub struct QueryRoot;
 
-impl QueryRoot {
-    fn query(federation: &Federation, filter: Option<StudyFilter>) -> Result<StudyQuery, ApiError> {
-        let query = StudyQuery::try_from(filter.unwrap_or_default())?;
-        if let Some(unknown) = query
-            .partners
-            .iter()
-            .find(|id| !federation.partners().iter().any(|p| &p.id == *id))
-        {
-            return Err(QueryError::UnknownPartner(unknown.clone()).into());
-        }
-        Ok(query)
-    }
-}
-
 #[Object]
 impl QueryRoot {
     /// Studies matching the filter across partners, newest first, a page at
@@ -92,7 +78,7 @@ impl QueryRoot {
         &self,
         ctx: &Context<'_>,
         filter: Option<StudyFilter>,
-        #[graphql(default = 20)] first: i32,
+        #[graphql(default_with = "DEFAULT_PAGE_SIZE")] first: i32,
         after: Option<String>,
     ) -> async_graphql::Result<ImagingStudyConnection> {
         Self::imaging_studies_page(ctx, filter, first, after)
@@ -130,6 +116,18 @@ fn federation<'a>(ctx: &Context<'a>) -> Result<&'a Federation, ApiError> {
 }
 
 impl QueryRoot {
+    fn query(federation: &Federation, filter: Option<StudyFilter>) -> Result<StudyQuery, ApiError> {
+        let query = StudyQuery::try_from(filter.unwrap_or_default())?;
+        if let Some(unknown) = query
+            .partners
+            .iter()
+            .find(|id| !federation.partners().iter().any(|p| &p.id == *id))
+        {
+            return Err(QueryError::UnknownPartner(unknown.clone()).into());
+        }
+        Ok(query)
+    }
+
     async fn imaging_studies_page(
         ctx: &Context<'_>,
         filter: Option<StudyFilter>,

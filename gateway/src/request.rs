@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use meshgate_schema::api::PartnerStatus;
+use meshgate_schema::api::{PartnerOutcome, PartnerStatus};
 use serde::Serialize;
 
 /// A verified caller.
@@ -49,10 +49,24 @@ impl RequestContext {
         }
     }
 
-    pub fn accesses(&self) -> Vec<AuditedAccess> {
-        match self.trail.lock() {
+    /// The audit record of this request; it failed if any error code is given.
+    pub fn audit_record(&self, operation: Option<String>, error_codes: Vec<String>) -> AuditRecord {
+        let accesses = match self.trail.lock() {
             Ok(trail) => trail.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        AuditRecord {
+            request_id: self.request_id.clone(),
+            client: self.client.map(|c| c.ip().to_string()),
+            subject: self.principal.as_ref().map(|p| p.subject.clone()),
+            operation,
+            outcome: if error_codes.is_empty() {
+                "success"
+            } else {
+                "failure"
+            },
+            error_codes,
+            accesses,
         }
     }
 }
@@ -69,7 +83,7 @@ pub struct AuditedAccess {
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditedPartner {
     pub partner: String,
-    pub status: String,
+    pub status: PartnerOutcome,
     pub count: Option<u32>,
 }
 
@@ -77,7 +91,7 @@ impl AuditedPartner {
     pub fn from_status(status: &PartnerStatus) -> AuditedPartner {
         AuditedPartner {
             partner: status.partner.to_string(),
-            status: format!("{:?}", status.status).to_ascii_uppercase(),
+            status: status.status,
             count: status.count,
         }
     }

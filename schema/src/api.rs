@@ -74,6 +74,7 @@ pub struct StudyFilter {
 
 /// The kind of store behind a partner's connector.
 #[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnectorKind {
     /// A folder of DICOM Part-10 files.
     Files,
@@ -83,6 +84,7 @@ pub enum ConnectorKind {
 
 /// How one partner's part of a query ended.
 #[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PartnerOutcome {
     /// Answered completely.
     Ok,

@@ -50,9 +50,3 @@ pub struct Capabilities {
     /// hitting the cap makes the partner's status TRUNCATED.
     pub max_results: Option<u32>,
 }
-
-impl Capabilities {
-    pub fn can_filter(&self, kind: FilterKind) -> bool {
-        self.native_filters.contains(&kind)
-    }
-}

@@ -171,8 +171,10 @@ impl DicomWebConnector {
             if rows.len() == before {
                 // A whole page of rows already seen: the backend is not
                 // honouring `offset`, so what lies beyond cannot be reached.
+                // The level only: a path can carry a study UID, an identifier.
+                let level = path.rsplit('/').next().unwrap_or_default();
                 tracing::warn!(
-                    path,
+                    level,
                     "a DICOMweb backend repeated a whole page; reporting the result as truncated"
                 );
                 return Ok((rows, true));
