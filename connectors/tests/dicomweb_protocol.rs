@@ -280,3 +280,53 @@ async fn server_errors_garbage_and_dead_hosts_become_typed_errors_without_upstre
         "{error}"
     );
 }
+
+/// A front for `target` that reads the request on each of the first `drops`
+/// connections and closes it unanswered, as a server does when it closes a
+/// keep-alive connection the client is just reusing; later connections are
+/// forwarded.
+async fn dropping_front(target: &str, drops: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let target = Url::parse(target).unwrap();
+    let upstream = format!("{}:{}", target.host_str().unwrap(), target.port().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut front = target.clone();
+    front
+        .set_port(Some(listener.local_addr().unwrap().port()))
+        .unwrap();
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            accepted += 1;
+            if accepted <= drops {
+                let mut buffer = [0u8; 4096];
+                let _ = client.read(&mut buffer).await;
+                drop(client);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    front.to_string()
+}
+
+#[tokio::test]
+async fn a_partner_closing_connections_under_a_request_is_asked_again_on_a_new_one() {
+    let (url, _) = serve(25, Quirk::None).await;
+    let front = dropping_front(&url, 2).await;
+    assert_eq!(
+        search(&connector(&front, Auth::None, None)).await.unwrap(),
+        (25, false)
+    );
+    // A partner that never answers is unreachable after a bounded number of tries.
+    let front = dropping_front(&url, usize::MAX).await;
+    let error = search(&connector(&front, Auth::None, None))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "PARTNER_UNREACHABLE", "{error}");
+}

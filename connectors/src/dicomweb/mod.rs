@@ -112,7 +112,7 @@ impl DicomWebConnector {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(settings.profile.idle_timeout())
             .user_agent(concat!("meshgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|_| ConnectorError::Config("the HTTP client could not be set up".into()))?;
@@ -203,31 +203,35 @@ impl DicomWebConnector {
             }
         };
         // A pooled keep-alive connection can be closed by the server just as
-        // it is reused (Orthanc closes idle ones after a second); the request
-        // never got an answer, so one immediate retry of this idempotent GET
-        // on a fresh connection is safe. Timeouts are not retried.
-        let response = match request().send().await {
-            Ok(response) => response,
-            Err(error) if !error.is_timeout() => {
-                tracing::debug!(
-                    kind = transport_kind(&error),
-                    "retrying a QIDO-RS request once"
-                );
-                request().send().await.map_err(transport_error)?
+        // it is reused, and several pooled connections can go stale together.
+        // The idle timeout keeps that rare (see `Profile::idle_timeout`); what
+        // remains gets up to `TRANSPORT_ATTEMPTS` tries of this idempotent GET.
+        // Timeouts are not retried: the deadline is the caller's.
+        let mut attempt = 1;
+        let (status, body) = loop {
+            match fetch(request()).await {
+                Ok(answer) => break answer,
+                Err(error) if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS => {
+                    tracing::debug!(
+                        kind = transport_kind(&error),
+                        attempt,
+                        "retrying a QIDO-RS request"
+                    );
+                    attempt += 1;
+                }
+                Err(error) => return Err(transport_error(error)),
             }
-            Err(error) => return Err(transport_error(error)),
         };
-        match response.status() {
+        match status {
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(ConnectorError::Unauthorized(response.status().as_u16()));
+                return Err(ConnectorError::Unauthorized(status.as_u16()));
             }
             status if !status.is_success() => {
                 return Err(ConnectorError::UpstreamStatus(status.as_u16()));
             }
             _ => {}
         }
-        let body = response.bytes().await.map_err(transport_error)?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(Vec::new());
         }
@@ -492,6 +496,18 @@ fn include_fields(fields: &[Tag]) -> String {
         .map(|tag| tag.json_key())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// How often one QIDO-RS request is tried when the transport fails.
+const TRANSPORT_ATTEMPTS: u32 = 3;
+
+/// Sends one request and reads its whole body.
+async fn fetch(
+    request: reqwest::RequestBuilder,
+) -> Result<(StatusCode, bytes::Bytes), reqwest::Error> {
+    let response = request.send().await?;
+    let status = response.status();
+    Ok((status, response.bytes().await?))
 }
 
 /// Transport failures, described without the URL (it carries query values).
