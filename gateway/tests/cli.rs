@@ -155,11 +155,11 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
         "{json}"
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &demo.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&demo.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     assert!(
         demo.0.wait().unwrap().success(),
         "SIGTERM drains and exits 0"
