@@ -453,7 +453,6 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
         ];
         for (text, line, needle) in cases {
             let error = load(&text, &env).unwrap_err();
-            println!("{error}");
             assert_eq!(error.line, Some(line), "{error}");
             assert!(error.to_string().contains(needle), "{error}");
             assert!(error.to_string().starts_with("meshgate.toml:"), "{error}");
