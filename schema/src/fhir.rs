@@ -4,7 +4,7 @@
 
 use fhir_sdk::r4b::codes::{IdentifierUse, ImagingStudyStatus};
 use fhir_sdk::r4b::resources::{ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance};
-use fhir_sdk::r4b::types::{CodeableConcept, Coding, Identifier, Reference};
+use fhir_sdk::r4b::types::{CodeableConcept, Coding, Identifier, Meta, Reference};
 use fhir_sdk::{BuilderError, DateTime, Instant};
 use time::{Date, PrimitiveDateTime, Time, UtcOffset};
 
@@ -15,6 +15,36 @@ const DCM_SYSTEM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 const SNOMED_SYSTEM: &str = "http://snomed.info/sct";
 const RFC3986_SYSTEM: &str = "urn:ietf:rfc:3986";
 const V2_0203_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v2-0203";
+const V3_OBSERVATION_VALUE_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+
+/// A `meta.security` label: how a resource was de-identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecurityLabel {
+    pub system: &'static str,
+    pub code: &'static str,
+    pub display: &'static str,
+}
+
+impl SecurityLabel {
+    /// A DICOM (DCM) code, e.g. a de-identification profile or option.
+    pub const fn dcm(code: &'static str, display: &'static str) -> SecurityLabel {
+        SecurityLabel {
+            system: DCM_SYSTEM,
+            code,
+            display,
+        }
+    }
+
+    /// An HL7 v3 ObservationValue code, e.g. `PSEUDED`.
+    pub const fn observation_value(code: &'static str, display: &'static str) -> SecurityLabel {
+        SecurityLabel {
+            system: V3_OBSERVATION_VALUE_SYSTEM,
+            code,
+            display,
+        }
+    }
+}
 
 /// The mapping could not build a resource (a bug, not bad data).
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +94,12 @@ pub fn started_text(study: &Study, options: &MappingOptions) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Maps a study (with whatever series it carries) to an ImagingStudy.
+/// Maps a study (with whatever series it carries) to an ImagingStudy;
+/// `security` labels say how it was de-identified (none: as recorded).
 pub fn imaging_study(
     study: &Study,
     options: &MappingOptions,
+    security: &[SecurityLabel],
 ) -> Result<serde_json::Value, MappingError> {
     let offset = study.timezone_offset.or(options.utc_offset);
     let mut identifiers = vec![Some(
@@ -115,6 +147,13 @@ pub fn imaging_study(
         .series(series);
     if let Some(started) = started(study.date, study.time, offset) {
         builder = builder.started(started);
+    }
+    if !security.is_empty() {
+        let labels = security
+            .iter()
+            .map(|l| coding(l.system, l.code, Some(l.display)).map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        builder = builder.meta(Meta::builder().security(labels).build()?);
     }
     if let Some(count) = study.number_of_series {
         builder = builder.number_of_series(count);

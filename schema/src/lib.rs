@@ -10,6 +10,7 @@
 //! - [`study::Study`]: a study as every connector reports it, built from DICOM
 //!   attributes through [`dicom::DicomAttributes`];
 //! - [`fhir::imaging_study`]: the DICOM → FHIR ImagingStudy mapping;
+//! - [`principal::Principal`]: the verified caller;
 //! - [`api`]: the GraphQL input and output types; the committed SDL is
 //!   `schema/meshgate.graphql`.
 
@@ -17,10 +18,12 @@ pub mod api;
 pub mod capabilities;
 pub mod dicom;
 pub mod fhir;
+pub mod principal;
 pub mod query;
 pub mod study;
 
 pub use api::{ConnectorKind, PartnerOutcome};
 pub use capabilities::{Capabilities, FilterKind, PagingStyle};
+pub use principal::{Principal, Role};
 pub use query::{AgeRange, DateRange, QueryError, StudyQuery};
 pub use study::{Instance, Modality, PatientSex, Series, Study};

@@ -33,7 +33,7 @@ fn map_capture(name: &str, options: MappingOptions) -> Value {
     let study_row: Map<String, Value> = serde_json::from_value(capture["study"].clone()).unwrap();
     let mut study = Study::from_attributes(&study_row).unwrap();
     study.set_series(assemble_series(&rows("series"), &rows("instances")));
-    imaging_study(&study, &options).unwrap()
+    imaging_study(&study, &options, &[]).unwrap()
 }
 
 #[test]

@@ -1,0 +1,52 @@
+//! Who is asking: the verified caller as every part of meshgate sees it.
+
+use async_graphql::{Enum, SimpleObject};
+use serde::{Deserialize, Serialize};
+
+/// What a caller does in the consortium.
+#[derive(
+    Enum, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Queries cohorts under approved research projects.
+    Researcher,
+    /// Looks after one partner institution's connectors and policies.
+    PartnerAdmin,
+    /// Approves connectors and projects, audits access.
+    Governance,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Researcher, Role::PartnerAdmin, Role::Governance];
+
+    /// The role's name in tokens and policies.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Researcher => "researcher",
+            Role::PartnerAdmin => "partner_admin",
+            Role::Governance => "governance",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// A caller whose bearer token was verified, as the gateway sees them.
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Principal {
+    /// The token's issuer.
+    pub issuer: String,
+    /// The token's subject.
+    pub subject: String,
+    /// The caller's institution, when the token names one.
+    pub institution: Option<String>,
+    /// Sorted, without duplicates.
+    pub roles: Vec<Role>,
+    /// Research projects the caller is approved for (ids), sorted.
+    pub projects: Vec<String>,
+    /// Data-use permissions granted to the caller, sorted.
+    pub permissions: Vec<String>,
+}
