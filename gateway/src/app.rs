@@ -22,9 +22,12 @@ use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use meshgate_policies::{Authorizer, PolicyError};
+
+use crate::auth::{AuthError, Authenticator};
 use crate::config::{AuthConfig, ConnectorConfig, LoadedConfig, parse_utc_offset};
 use crate::federation::{Federation, Partner};
-use crate::graphql::{MeshgateSchema, schema};
+use crate::graphql::{MeshgateSchema, Services, schema};
 use crate::request::{AuditSink, LogAuditSink, RequestContext};
 
 /// Largest request body accepted.
@@ -33,6 +36,7 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 struct AppState {
     schema: MeshgateSchema,
+    authenticator: Arc<Authenticator>,
     audit: Arc<dyn AuditSink>,
 }
 
@@ -44,6 +48,32 @@ pub enum StartError {
         partner: String,
         source: ConnectorError,
     },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("cannot build the HTTP client for token keys: {0}")]
+    Auth(#[from] reqwest::Error),
+}
+
+/// Everything a running gateway is made of.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub services: Services,
+    pub authenticator: Arc<Authenticator>,
+}
+
+/// Builds the connectors, loads the policies and sets up token verification.
+pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
+    let federation = federation(loaded).await?;
+    let authorizer = Authorizer::new(&loaded.policies)?;
+    tracing::info!(policies = authorizer.policy_count(), "policies loaded");
+    Ok(Gateway {
+        services: Services {
+            federation,
+            authorizer: Arc::new(authorizer),
+            pseudonym_key: loaded.pseudonym_key.clone(),
+        },
+        authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
+    })
 }
 
 /// Builds every partner's connector as configured.
@@ -104,6 +134,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             name: partner.name.clone(),
             connector,
             deadline: partner.deadline(),
+            control: partner.count_control(),
             mapping: MappingOptions {
                 utc_offset: partner
                     .utc_offset
@@ -115,15 +146,16 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
     Ok(Federation::new(partners))
 }
 
-/// The gateway's routes over a federation.
-pub fn build_app(federation: Federation) -> Router {
-    build_app_with_audit(federation, Arc::new(LogAuditSink))
+/// The gateway's routes.
+pub fn build_app(gateway: Gateway) -> Router {
+    build_app_with_audit(gateway, Arc::new(LogAuditSink))
 }
 
 /// The gateway's routes, with the audit sink chosen by the caller.
-pub fn build_app_with_audit(federation: Federation, audit: Arc<dyn AuditSink>) -> Router {
+pub fn build_app_with_audit(gateway: Gateway, audit: Arc<dyn AuditSink>) -> Router {
     let state = AppState {
-        schema: schema(federation),
+        schema: schema(gateway.services),
+        authenticator: gateway.authenticator,
         audit,
     };
     Router::new()
@@ -161,7 +193,17 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
-    let context = RequestContext::new(request_id.clone(), client);
+    let mut context = RequestContext::new(request_id.clone(), client);
+
+    // No valid token: 401, audited, and nothing else happens.
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    match state.authenticator.authenticate(authorization).await {
+        Ok(principal) => context.principal = Some(principal),
+        Err(error) => return unauthenticated(&state, &context, &error),
+    }
 
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
@@ -271,6 +313,35 @@ fn refuse(
         &context.request_id,
         json!({"errors": [{"message": message, "extensions": {"code": code}}]}),
     )
+}
+
+/// 401 with a `WWW-Authenticate` challenge (RFC 6750), or 503 when the
+/// issuer's keys cannot be fetched.
+fn unauthenticated(state: &AppState, context: &RequestContext, error: &AuthError) -> Response {
+    let (status, challenge) = match error {
+        AuthError::KeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, None),
+        AuthError::Missing => (
+            StatusCode::UNAUTHORIZED,
+            Some(r#"Bearer realm="meshgate""#.to_owned()),
+        ),
+        other => (
+            StatusCode::UNAUTHORIZED,
+            Some(format!(
+                r#"Bearer realm="meshgate", error="invalid_token", error_description="{other}""#
+            )),
+        ),
+    };
+    let mut response = refuse(state, context, status, error.code(), &error.to_string());
+    if response.status() == status {
+        let headers = response.headers_mut();
+        if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            headers.insert(header::WWW_AUTHENTICATE, value);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+    }
+    response
 }
 
 fn audit_unavailable(request_id: &str) -> Response {

@@ -8,12 +8,18 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use meshgate_connectors::Secret;
 use meshgate_connectors::dicomweb::Profile;
+use meshgate_policies::{
+    CountControl, MasterKey, PartnerFacts, PolicyConfig, PolicyFile, ProjectFacts,
+};
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -22,8 +28,132 @@ pub struct Config {
     /// Where the gateway listens, e.g. `127.0.0.1:8080`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Who may call: the trusted token issuers. Required: there is no
+    /// anonymous access.
+    pub auth: AuthSection,
+    /// The consortium's Cedar policies.
+    pub policies: PoliciesSection,
+    pub deidentification: DeidentificationSection,
+    /// The consortium's registered research projects.
+    #[serde(default)]
+    pub projects: Vec<ProjectConfig>,
     /// The consortium's partners, one connector each.
     pub partners: Vec<PartnerConfig>,
+}
+
+/// `[auth]`: trusted issuers of bearer tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// `[[auth.issuers]]`: one OIDC issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name one of them.
+    pub audiences: Vec<String>,
+    /// The issuer's JWKS: https, or http on a loopback address.
+    pub jwks_url: Spanned<String>,
+    /// Allowed signing algorithms (default: RS256/384/512, PS256/384/512,
+    /// ES256/384, EdDSA). HMAC algorithms are refused.
+    #[serde(default)]
+    pub algorithms: Option<Spanned<Vec<String>>>,
+    /// Accepted `typ` headers when a token states one (default: JWT, at+jwt).
+    #[serde(default)]
+    pub token_types: Option<Vec<String>>,
+    /// Clock skew allowed on `exp` and `nbf`, at most 300 seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// Refuse tokens without `nbf` (default: true).
+    #[serde(default = "default_true")]
+    pub require_nbf: bool,
+    #[serde(default)]
+    pub claims: ClaimsConfig,
+    /// Least seconds between two JWKS fetches (unknown `kid`s trigger one).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_interval_seconds: u64,
+    /// Keys older than this are fetched again before use.
+    #[serde(default = "default_jwks_max_age")]
+    pub jwks_max_age_seconds: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+fn default_jwks_refresh() -> u64 {
+    30
+}
+fn default_jwks_max_age() -> u64 {
+    600
+}
+
+/// Which claims carry the principal's attributes (dotted paths allowed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimsConfig {
+    pub institution: String,
+    pub roles: String,
+    pub projects: String,
+    pub permissions: String,
+}
+
+impl Default for ClaimsConfig {
+    fn default() -> Self {
+        let names = ClaimNames::default();
+        ClaimsConfig {
+            institution: names.institution,
+            roles: names.roles,
+            projects: names.projects,
+            permissions: names.permissions,
+        }
+    }
+}
+
+/// `[policies]`: the consortium's Cedar policy files or folders of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesSection {
+    pub consortium: Vec<PathBuf>,
+}
+
+/// `[deidentification]`: the master key of keyed pseudonyms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeidentificationSection {
+    /// At least 32 bytes, as `${env:NAME}` or `${file:PATH}`.
+    pub key: SecretRef,
+}
+
+/// `[[projects]]`: an approved research project.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    pub id: Spanned<String>,
+    pub title: String,
+    /// GA4GH DUO codes of the research purpose, e.g. `DUO:0000006`.
+    pub purposes: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub commercial: bool,
+    #[serde(default)]
+    pub ethics_approved: bool,
+}
+
+/// A dataset's data-use conditions (GA4GH DUO).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataUseConfig {
+    /// The data-use permission, e.g. `DUO:0000042` (general research use).
+    pub permission: Spanned<String>,
+    /// Data-use modifiers, e.g. `DUO:0000046` (non-commercial use only).
+    #[serde(default)]
+    pub modifiers: Vec<Spanned<String>>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -45,7 +175,29 @@ pub struct PartnerConfig {
     /// no Timezone Offset From UTC of their own.
     #[serde(default)]
     pub utc_offset: Option<Spanned<String>>,
+    /// The institution that holds the data (policies compare it with the
+    /// caller's institution).
+    pub institution: String,
+    /// The data-use conditions of the partner's dataset.
+    pub data_use: DataUseConfig,
+    /// The partner's own Cedar policy files or folders. None: it discloses nothing.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// Counts below this are suppressed (count disclosure control).
+    #[serde(default = "default_min_count")]
+    pub min_count: u32,
+    /// Disclosed counts are rounded to a multiple of this (1: exact).
+    #[serde(default = "default_round_to")]
+    pub round_to: u32,
     pub connector: ConnectorConfig,
+}
+
+fn default_min_count() -> u32 {
+    meshgate_policies::disclosure::DEFAULT_MIN_COUNT
+}
+
+fn default_round_to() -> u32 {
+    1
 }
 
 fn default_deadline_ms() -> u64 {
@@ -55,6 +207,13 @@ fn default_deadline_ms() -> u64 {
 impl PartnerConfig {
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
+    }
+
+    pub fn count_control(&self) -> CountControl {
+        CountControl {
+            min_count: self.min_count,
+            round_to: self.round_to,
+        }
     }
 }
 
@@ -144,18 +303,25 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
-        if let (Some(line), Some(column)) = (self.line, self.column) {
-            write!(f, ":{line}:{column}")?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
         }
         write!(f, ": {}", self.message)
     }
 }
 
-/// A configuration checked for consistency, with credentials resolved.
+/// A configuration checked for consistency, with credentials resolved and
+/// policies loaded.
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
     pub config: Config,
     pub secrets: ResolvedSecrets,
+    pub pseudonym_key: MasterKey,
+    pub issuers: Vec<IssuerSettings>,
+    pub policies: PolicyConfig,
 }
 
 /// Credentials resolved at load time, per partner index.
@@ -287,10 +453,222 @@ impl Config {
             };
             secrets.push(secret);
         }
+        let base = file.parent().unwrap_or(Path::new("."));
+        let issuers = issuers(&config, text, &located)?;
+        let key_span = span_at(text, &[Key::Name("deidentification"), Key::Name("key")]);
+        let key = resolve_secret(&config.deidentification.key, env)
+            .map_err(|message| located(key_span.clone(), message))?;
+        let pseudonym_key = MasterKey::new(key.expose().as_bytes())
+            .map_err(|error| located(key_span, error.to_string()))?;
+        let policies = policy_config(&config, base, &located)?;
+        meshgate_policies::Authorizer::new(&policies).map_err(|error| ConfigError {
+            file: error.file.clone(),
+            line: error.line,
+            column: None,
+            message: error.message,
+        })?;
         Ok(LoadedConfig {
             config,
             secrets: ResolvedSecrets(secrets),
+            pseudonym_key,
+            issuers,
+            policies,
         })
+    }
+}
+
+type Locate<'a> = dyn Fn(Option<Range<usize>>, String) -> ConfigError + 'a;
+
+fn issuers(
+    config: &Config,
+    text: &str,
+    located: &Locate<'_>,
+) -> Result<Vec<IssuerSettings>, ConfigError> {
+    if config.auth.issuers.is_empty() {
+        return Err(located(
+            None,
+            "no [[auth.issuers]] are configured: meshgate has no anonymous access".into(),
+        ));
+    }
+    config
+        .auth
+        .issuers
+        .iter()
+        .enumerate()
+        .map(|(index, issuer)| {
+            let at = |key: &str| {
+                span_at(
+                    text,
+                    &[Key::Name("auth"), Key::Name("issuers"), Key::Index(index), Key::Name(key)],
+                )
+            };
+            let jwks_url = reqwest::Url::parse(issuer.jwks_url.get_ref())
+                .ok()
+                .filter(|url| {
+                    url.scheme() == "https"
+                        || (url.scheme() == "http"
+                            && url.host_str().is_some_and(|host| {
+                                host == "localhost"
+                                    || host
+                                        .trim_start_matches('[')
+                                        .trim_end_matches(']')
+                                        .parse::<std::net::IpAddr>()
+                                        .is_ok_and(|ip| ip.is_loopback())
+                            }))
+                })
+                .ok_or_else(|| {
+                    located(
+                        Some(issuer.jwks_url.span()),
+                        "jwks_url must be an https:// URL (http:// only on a loopback address)"
+                            .into(),
+                    )
+                })?;
+            if issuer.audiences.is_empty() || issuer.audiences.iter().any(String::is_empty) {
+                return Err(located(at("audiences"), "give at least one non-empty audience".into()));
+            }
+            if issuer.leeway_seconds > 300 {
+                return Err(located(at("leeway_seconds"), "leeway_seconds must be at most 300".into()));
+            }
+            let algorithms = match &issuer.algorithms {
+                None => DEFAULT_ALGORITHMS.to_vec(),
+                Some(names) => names
+                    .get_ref()
+                    .iter()
+                    .map(|name| {
+                        jsonwebtoken::Algorithm::from_str(name)
+                            .ok()
+                            .filter(|alg| DEFAULT_ALGORITHMS.contains(alg))
+                            .ok_or_else(|| {
+                                located(
+                                    Some(names.span()),
+                                    format!("algorithm '{name}' is not allowed: use asymmetric algorithms (RS256, PS256, ES256, EdDSA, ...)"),
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            if algorithms.is_empty() {
+                return Err(located(at("algorithms"), "give at least one algorithm".into()));
+            }
+            Ok(IssuerSettings {
+                issuer: issuer.issuer.clone(),
+                audiences: issuer.audiences.clone(),
+                jwks_url,
+                algorithms,
+                token_types: issuer.token_types.clone().unwrap_or_else(|| {
+                    DEFAULT_TOKEN_TYPES.iter().map(|t| (*t).to_owned()).collect()
+                }),
+                leeway: Duration::from_secs(issuer.leeway_seconds),
+                require_nbf: issuer.require_nbf,
+                claims: ClaimNames {
+                    institution: issuer.claims.institution.clone(),
+                    roles: issuer.claims.roles.clone(),
+                    projects: issuer.claims.projects.clone(),
+                    permissions: issuer.claims.permissions.clone(),
+                },
+                refresh_interval: Duration::from_secs(issuer.jwks_refresh_interval_seconds),
+                max_key_age: Duration::from_secs(issuer.jwks_max_age_seconds.max(1)),
+            })
+        })
+        .collect()
+}
+
+/// A GA4GH DUO code: `DUO:` and seven digits.
+fn is_duo_code(code: &str) -> bool {
+    code.strip_prefix("DUO:")
+        .is_some_and(|digits| digits.len() == 7 && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn policy_config(
+    config: &Config,
+    base: &Path,
+    located: &Locate<'_>,
+) -> Result<PolicyConfig, ConfigError> {
+    let duo = |code: &Spanned<String>| {
+        if is_duo_code(code.get_ref()) {
+            Ok(code.get_ref().clone())
+        } else {
+            Err(located(
+                Some(code.span()),
+                format!("'{}' is not a GA4GH DUO code (DUO:0000042)", code.get_ref()),
+            ))
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut projects = Vec::new();
+    for project in &config.projects {
+        let id = project.id.get_ref();
+        if id.is_empty() || !seen.insert(id.clone()) {
+            return Err(located(
+                Some(project.id.span()),
+                format!("project id '{id}' is empty or used twice"),
+            ));
+        }
+        projects.push(ProjectFacts {
+            id: id.clone(),
+            purposes: project.purposes.iter().map(duo).collect::<Result<_, _>>()?,
+            commercial: project.commercial,
+            ethics_approved: project.ethics_approved,
+        });
+    }
+    let mut partners = Vec::new();
+    for partner in &config.partners {
+        let facts = PartnerFacts {
+            id: partner.id.get_ref().clone(),
+            institution: partner.institution.clone(),
+            data_use: duo(&partner.data_use.permission)?,
+            data_use_modifiers: partner
+                .data_use
+                .modifiers
+                .iter()
+                .map(duo)
+                .collect::<Result<_, _>>()?,
+        };
+        partners.push((facts, policy_files(&partner.policies, base)?));
+    }
+    Ok(PolicyConfig {
+        consortium: policy_files(&config.policies.consortium, base)?,
+        partners,
+        projects,
+    })
+}
+
+/// Reads policy files; a folder stands for its `*.cedar` files, sorted.
+/// Relative paths are relative to the configuration file.
+fn policy_files(paths: &[PathBuf], base: &Path) -> Result<Vec<PolicyFile>, ConfigError> {
+    let unreadable = |path: &Path, error: std::io::Error| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        message: format!("cannot read policies: {}", error.kind()),
+    };
+    let mut files = Vec::new();
+    for path in paths {
+        let path = base.join(path);
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map_err(|e| unreadable(&path, e))?
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
+                .collect();
+            found.sort();
+            for file in found {
+                files.push(PolicyFile::read(&file).map_err(policy_error)?);
+            }
+        } else {
+            files.push(PolicyFile::read(&path).map_err(policy_error)?);
+        }
+    }
+    Ok(files)
+}
+
+fn policy_error(error: meshgate_policies::PolicyError) -> ConfigError {
+    ConfigError {
+        file: error.file,
+        line: error.line,
+        column: None,
+        message: error.message,
     }
 }
 
@@ -389,21 +767,52 @@ id = "north"
 name = "North Hospital"
 utc_offset = "+01:00"
 connector = { kind = "files", path = "/data/north" }
+institution = "north-hospital"
+data_use = { permission = "DUO:0000042" }
 
 [[partners]]
 id = "south"
 name = "South Clinic"
 deadline_ms = 1500
+institution = "south-clinic"
+data_use = { permission = "DUO:0000006", modifiers = ["DUO:0000046"] }
 [partners.connector]
 kind = "dicomweb"
 url = "http://127.0.0.1:8042/dicom-web/"
 profile = "orthanc"
 auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD}" }
+
+[auth]
+[[auth.issuers]]
+issuer = "https://login.example.org/consortium"
+audiences = ["meshgate"]
+jwks_url = "https://login.example.org/consortium/jwks"
+
+[policies]
+consortium = []
+
+[deidentification]
+key = "${env:PSEUDONYM_KEY}"
+
+[[projects]]
+id = "p1"
+title = "Project one"
+purposes = ["DUO:0000006"]
 "#;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env_with(pairs: &[(&str, &str)]) -> FakeEnv {
+        let mut env = FakeEnv(HashMap::from([("PSEUDONYM_KEY".into(), KEY.into())]));
+        for (name, value) in pairs {
+            env.0.insert((*name).into(), (*value).into());
+        }
+        env
+    }
 
     #[test]
     fn a_valid_config_loads_with_credentials_resolved_from_the_environment() {
-        let env = FakeEnv(HashMap::from([("SOUTH_PASSWORD".into(), "s3cret".into())]));
+        let env = env_with(&[("SOUTH_PASSWORD", "s3cret")]);
         let loaded = load(GOOD, &env).unwrap();
         assert_eq!(loaded.config.partners.len(), 2);
         assert_eq!(
@@ -413,41 +822,44 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
         assert_eq!(loaded.secrets.for_partner(1).unwrap().expose(), "s3cret");
         assert!(loaded.secrets.for_partner(0).is_none());
         assert!(!format!("{loaded:?}").contains("s3cret"));
+        assert!(!format!("{loaded:?}").contains(KEY));
+        assert_eq!(loaded.issuers[0].leeway, Duration::from_secs(30));
+        assert!(loaded.issuers[0].require_nbf);
     }
 
     #[test]
     fn config_errors_name_the_line_and_the_field() {
-        let env = FakeEnv(HashMap::from([("SOUTH_PASSWORD".into(), "x".into())]));
+        let env = env_with(&[("SOUTH_PASSWORD", "x")]);
         let cases = [
             (
                 GOOD.replace("deadline_ms = 1500", "deadline_ms = 1500\ncolour = \"red\""),
-                14,
+                16,
                 "colour",
             ),
             (
                 GOOD.replace("kind = \"dicomweb\"", "kind = \"ftp\""),
-                15,
+                19,
                 "ftp",
             ),
             (
                 GOOD.replace("url = \"http://127.0.0.1:8042/dicom-web/\"\n", ""),
-                14,
+                18,
                 "url",
             ),
             (
                 GOOD.replace("id = \"south\"", "id = \"north\""),
-                11,
+                13,
                 "used twice",
             ),
             (
                 GOOD.replace("id = \"south\"", "id = \"South Clinic\""),
-                11,
+                13,
                 "lower-case",
             ),
             (GOOD.replace("\"+01:00\"", "\"CET\""), 7, "utc_offset"),
             (
                 GOOD.replace("http://127.0.0.1", "ftp://127.0.0.1"),
-                16,
+                20,
                 "http",
             ),
         ];
@@ -462,19 +874,16 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
     #[test]
     fn credentials_must_be_references_and_missing_ones_are_named_without_values() {
         let literal = GOOD.replace("${env:SOUTH_PASSWORD}", "hunter2");
-        let error = load(&literal, &FakeEnv::default()).unwrap_err();
-        assert_eq!(error.line, Some(18));
+        let error = load(&literal, &env_with(&[])).unwrap_err();
+        assert_eq!(error.line, Some(22));
         assert!(!error.to_string().contains("hunter2"), "{error}");
-        let missing = load(GOOD, &FakeEnv::default()).unwrap_err();
+        let missing = load(GOOD, &env_with(&[])).unwrap_err();
         assert!(
             missing.to_string().contains("SOUTH_PASSWORD is not set"),
             "{missing}"
         );
         let from_file = GOOD.replace("${env:SOUTH_PASSWORD}", "${file:/run/secrets/south}");
-        let env = FakeEnv(HashMap::from([(
-            "file:/run/secrets/south".into(),
-            "pw\n".into(),
-        )]));
+        let env = env_with(&[("file:/run/secrets/south", "pw\n")]);
         assert_eq!(
             load(&from_file, &env)
                 .unwrap()
@@ -484,5 +893,68 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
                 .expose(),
             "pw"
         );
+    }
+
+    #[test]
+    fn identity_policy_and_pseudonym_settings_are_checked_with_their_line() {
+        let env = env_with(&[("SOUTH_PASSWORD", "x")]);
+        let cases = [
+            (
+                GOOD.replace(
+                    "[[auth.issuers]]\nissuer = \"https://login.example.org/consortium\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/consortium/jwks\"",
+                    "issuers = []",
+                ),
+                None,
+                "no anonymous access",
+            ),
+            (
+                GOOD.replace(
+                    "jwks_url = \"https://login.example.org/consortium/jwks\"",
+                    "jwks_url = \"https://login.example.org/consortium/jwks\"\nalgorithms = [\"RS256\", \"HS256\"]",
+                ),
+                Some(29),
+                "HS256",
+            ),
+            (
+                GOOD.replace("https://login.example.org/consortium/jwks", "http://login.example.org/jwks"),
+                Some(28),
+                "https",
+            ),
+            (
+                GOOD.replace("purposes = [\"DUO:0000006\"]", "purposes = [\"HMB\"]"),
+                Some(39),
+                "DUO code",
+            ),
+            (
+                GOOD.replace("DUO:0000006\", modifiers", "health\", modifiers"),
+                Some(17),
+                "DUO code",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let error = load(&text, &env).unwrap_err();
+            assert_eq!(error.line, line, "{error}");
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+        let weak = load(
+            GOOD,
+            &env_with(&[("SOUTH_PASSWORD", "x"), ("PSEUDONYM_KEY", "short")]),
+        );
+        let error = weak.unwrap_err();
+        assert!(error.to_string().contains("at least 32 bytes"), "{error}");
+        assert!(!error.to_string().contains("short"), "{error}");
+    }
+
+    #[test]
+    fn http_key_endpoints_are_accepted_on_loopback_only() {
+        let env = env_with(&[("SOUTH_PASSWORD", "x")]);
+        for url in [
+            "http://127.0.0.1:9999/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:80/jwks",
+        ] {
+            let text = GOOD.replace("https://login.example.org/consortium/jwks", url);
+            assert!(load(&text, &env).is_ok(), "{url}");
+        }
     }
 }

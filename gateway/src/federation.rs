@@ -2,16 +2,24 @@
 //! its own deadline, and merges what comes back in one stable order.
 //!
 //! One slow or failing partner never fails the query or delays it past that
-//! partner's deadline; it gets a status saying what happened instead.
+//! partner's deadline; it gets a status saying what happened instead. A
+//! partner its policies refuse is not asked at all. Each partner's answer is
+//! put through its disclosure rules before anything is merged: counts under
+//! count disclosure control, records only where the policy releases them
+//! and de-identified under the profile it chose — so merge order and cursors
+//! are built from pseudonymous values only.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::ID;
 use futures::future::join_all;
 use meshgate_connectors::{Connector, ConnectorError, SearchOutcome};
-use meshgate_schema::api::{PartnerOutcome, PartnerStatus};
+use meshgate_policies::deid::ShiftBasis;
+use meshgate_policies::{CountControl, Deidentifier, DisclosedCount, Disclosure, Profile, Total};
+use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
 use meshgate_schema::fhir::MappingOptions;
 use meshgate_schema::{Study, StudyQuery};
 use time::{PrimitiveDateTime, Time};
@@ -25,19 +33,53 @@ pub struct Partner {
     pub connector: Arc<dyn Connector>,
     pub deadline: Duration,
     pub mapping: MappingOptions,
+    /// Count disclosure control for callers who are not its own staff.
+    pub control: CountControl,
 }
+
+/// What the policies decided for one partner in one query.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub disclosure: Disclosure,
+    /// Present exactly when the disclosure is DEIDENTIFIED.
+    pub deidentifier: Option<Deidentifier>,
+}
+
+impl Grant {
+    fn denied(reason: &str) -> Grant {
+        Grant {
+            disclosure: Disclosure::Denied {
+                reasons: vec![reason.to_owned()],
+            },
+            deidentifier: None,
+        }
+    }
+
+    /// Identified access (a partner's own staff) is not count-controlled.
+    fn control(&self, partner: &Partner) -> CountControl {
+        match self.disclosure {
+            Disclosure::Identified => CountControl::NONE,
+            _ => partner.control,
+        }
+    }
+}
+
+/// Each asked partner's grant, by partner id. A partner without one is denied.
+pub type Grants = HashMap<String, Grant>;
 
 /// Why a partner did not answer.
 #[derive(Debug)]
 enum Failure {
     Timeout,
     Connector(ConnectorError),
+    Denied(Vec<String>),
 }
 
 /// One partner's answer to the search phase.
 #[derive(Debug)]
 struct PartnerSearch {
     partner: Arc<Partner>,
+    grant: Grant,
     deadline: Instant,
     started: Instant,
     /// Time spent on this partner so far (search, then series for the page).
@@ -47,11 +89,31 @@ struct PartnerSearch {
     detail_failure: Option<Failure>,
 }
 
-/// A study in the merged result, with where it came from.
+impl PartnerSearch {
+    /// The count as it may be disclosed, when the partner answered.
+    fn disclosed(&self) -> Option<DisclosedCount> {
+        let outcome = self.result.as_ref().ok()?;
+        Some(
+            self.grant
+                .control(&self.partner)
+                .disclose(saturating_u32(outcome.studies.len())),
+        )
+    }
+
+    /// Whether this partner's records go into the merged result.
+    fn releases_records(&self) -> bool {
+        self.grant.disclosure.releases_records()
+            && self.disclosed().is_some_and(|c| !c.is_suppressed())
+    }
+}
+
+/// A study in the merged result, with where it came from and how it was
+/// de-identified (`None`: identified).
 #[derive(Debug, Clone)]
 pub struct FoundStudy {
     pub partner: Arc<Partner>,
     pub study: Study,
+    pub deidentification: Option<(Profile, ShiftBasis)>,
 }
 
 /// Where a study sits in the merged order: newest first, then partner id,
@@ -100,6 +162,7 @@ impl PartialOrd for SortKey {
 pub struct MergedPage {
     pub studies: Vec<FoundStudy>,
     pub has_next_page: bool,
+    /// Studies that can be paged through.
     pub total: u32,
     pub statuses: Vec<PartnerStatus>,
 }
@@ -122,7 +185,7 @@ impl Federation {
     }
 
     /// The partners a query asks: those it names, or all.
-    fn asked(&self, query: &StudyQuery) -> Vec<Arc<Partner>> {
+    pub fn asked(&self, query: &StudyQuery) -> Vec<Arc<Partner>> {
         self.partners
             .iter()
             .filter(|p| query.partners.is_empty() || query.partners.contains(&p.id))
@@ -130,21 +193,31 @@ impl Federation {
             .collect()
     }
 
-    /// Searches every asked partner concurrently, each under its deadline.
-    async fn search(&self, query: &StudyQuery) -> Vec<PartnerSearch> {
+    /// Searches every asked partner its grant lets be asked, concurrently,
+    /// each under its deadline.
+    async fn search(&self, query: &StudyQuery, grants: &Grants) -> Vec<PartnerSearch> {
         let started = Instant::now();
         join_all(self.asked(query).into_iter().map(|partner| async move {
             let deadline = started + partner.deadline;
-            let result = match timeout_at(deadline, partner.connector.search(query)).await {
-                Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(error)) => Err(Failure::Connector(error)),
-                Err(_) => Err(Failure::Timeout),
+            let grant = grants
+                .get(&partner.id)
+                .cloned()
+                .unwrap_or_else(|| Grant::denied("no policy decision was made"));
+            let result = if let Disclosure::Denied { reasons } = &grant.disclosure {
+                Err(Failure::Denied(reasons.clone()))
+            } else {
+                match timeout_at(deadline, partner.connector.search(query)).await {
+                    Ok(Ok(outcome)) => Ok(outcome),
+                    Ok(Err(error)) => Err(Failure::Connector(error)),
+                    Err(_) => Err(Failure::Timeout),
+                }
             };
             if let Err(failure) = &result {
                 log_failure(&partner.id, failure, "search");
             }
             PartnerSearch {
                 partner,
+                grant,
                 deadline,
                 started,
                 elapsed: started.elapsed(),
@@ -155,26 +228,40 @@ impl Federation {
         .await
     }
 
-    /// How many studies match, per partner.
-    pub async fn count(&self, query: &StudyQuery) -> (u32, Vec<PartnerStatus>) {
-        let searches = self.search(query).await;
-        (total(&searches), searches.iter().map(status).collect())
+    /// How many studies match, per partner, as they may be disclosed.
+    pub async fn count(&self, query: &StudyQuery, grants: &Grants) -> (Total, Vec<PartnerStatus>) {
+        let searches = self.search(query, grants).await;
+        let mut total = Total::default();
+        for count in searches.iter().filter_map(PartnerSearch::disclosed) {
+            total.add(count);
+        }
+        (total, searches.iter().map(status).collect())
     }
 
     /// The `first` studies after `after` in the merged order, with series
-    /// and instances loaded.
+    /// and instances loaded, from the partners that release records.
     pub async fn page(
         &self,
         query: &StudyQuery,
+        grants: &Grants,
         first: usize,
         after: Option<&SortKey>,
     ) -> MergedPage {
-        let mut searches = self.search(query).await;
+        let mut searches = self.search(query, grants).await;
         let mut merged: Vec<(SortKey, usize, usize)> = Vec::new();
+        let mut total = 0_usize;
         for (partner_index, search) in searches.iter().enumerate() {
+            if !search.releases_records() {
+                continue;
+            }
             if let Ok(outcome) = &search.result {
+                total += outcome.studies.len();
                 for (study_index, study) in outcome.studies.iter().enumerate() {
-                    let key = SortKey::of(&search.partner.id, study);
+                    // The order and the cursor see only what leaves the partner.
+                    let key = match &search.grant.deidentifier {
+                        Some(deid) => SortKey::of(&search.partner.id, &deid.study(study)),
+                        None => SortKey::of(&search.partner.id, study),
+                    };
                     if after.is_none_or(|after| key > *after) {
                         merged.push((key, partner_index, study_index));
                     }
@@ -195,7 +282,6 @@ impl Federation {
                 bucket.push((position, std::mem::take(study)));
             }
         }
-        let total = total(&searches);
 
         // Load series for the page, partner by partner, concurrently.
         let loaded = join_all(searches.iter().zip(per_partner).map(
@@ -235,78 +321,96 @@ impl Federation {
             }
             for (position, study) in bucket {
                 if let Some(slot) = slots.get_mut(position) {
-                    *slot = Some(FoundStudy {
-                        partner: Arc::clone(&search.partner),
-                        study,
-                    });
+                    let found = match &search.grant.deidentifier {
+                        Some(deid) => FoundStudy {
+                            partner: Arc::clone(&search.partner),
+                            deidentification: Some((
+                                deid.profile().clone(),
+                                deid.shift_basis(&study),
+                            )),
+                            study: deid.study(&study),
+                        },
+                        None => FoundStudy {
+                            partner: Arc::clone(&search.partner),
+                            study,
+                            deidentification: None,
+                        },
+                    };
+                    *slot = Some(found);
                 }
             }
         }
         MergedPage {
             studies: slots.into_iter().flatten().collect(),
             has_next_page,
-            total,
+            total: saturating_u32(total),
             statuses: searches.iter().map(status).collect(),
         }
     }
 }
 
-/// Matching studies across the partners that answered.
-fn total(searches: &[PartnerSearch]) -> u32 {
-    saturating_u32(
-        searches
-            .iter()
-            .filter_map(|s| s.result.as_ref().ok())
-            .map(|o| o.studies.len())
-            .sum(),
-    )
+fn level(disclosure: &Disclosure) -> DisclosureLevel {
+    match disclosure {
+        Disclosure::Denied { .. } => DisclosureLevel::Denied,
+        Disclosure::CountsOnly => DisclosureLevel::CountsOnly,
+        Disclosure::Deidentified(_) => DisclosureLevel::Deidentified,
+        Disclosure::Identified => DisclosureLevel::Identified,
+    }
 }
 
 fn status(search: &PartnerSearch) -> PartnerStatus {
     let latency_ms =
         saturating_u32(usize::try_from(search.elapsed.as_millis()).unwrap_or(usize::MAX));
-    let partner = ID(search.partner.id.clone());
-    match (&search.result, &search.detail_failure) {
-        (Ok(outcome), None) => PartnerStatus {
-            partner,
-            status: if outcome.truncated {
-                PartnerOutcome::Truncated
-            } else {
-                PartnerOutcome::Ok
-            },
-            latency_ms,
-            count: Some(saturating_u32(outcome.studies.len())),
-            code: outcome.truncated.then(|| "PARTNER_RESULT_CAP".to_owned()),
-            message: outcome.truncated.then(|| {
-                "the partner's store caps results per query; there may be more matching studies"
-                    .to_owned()
-            }),
+    let disclosed = search.disclosed();
+    let mut status = PartnerStatus {
+        partner: ID(search.partner.id.clone()),
+        status: PartnerOutcome::Ok,
+        latency_ms,
+        disclosure: level(&search.grant.disclosure),
+        deidentification_profile: match &search.grant.disclosure {
+            Disclosure::Deidentified(profile) => Some(profile.name()),
+            _ => None,
         },
-        (Ok(outcome), Some(failure)) => {
-            let (status, code, message) = describe(failure);
-            PartnerStatus {
-                partner,
-                status,
-                latency_ms,
-                count: Some(saturating_u32(outcome.studies.len())),
-                code: Some(code),
-                message: Some(format!(
-                    "{message}; its studies on this page are listed without series"
-                )),
+        count: disclosed.and_then(DisclosedCount::value),
+        count_disclosure: disclosed.map(|count| match count {
+            DisclosedCount::Exact(_) => CountDisclosure::Exact,
+            DisclosedCount::Rounded(_) => CountDisclosure::Rounded,
+            DisclosedCount::Suppressed => CountDisclosure::Suppressed,
+        }),
+        reasons: Vec::new(),
+        code: None,
+        message: None,
+    };
+    match (&search.result, &search.detail_failure) {
+        (Ok(outcome), None) => {
+            if outcome.truncated {
+                status.status = PartnerOutcome::Truncated;
+                status.code = Some("PARTNER_RESULT_CAP".to_owned());
+                status.message = Some(
+                    "the partner's store caps results per query; there may be more matching studies"
+                        .to_owned(),
+                );
             }
         }
+        (Ok(_), Some(failure)) => {
+            let (outcome, code, message) = describe(failure);
+            status.status = outcome;
+            status.code = Some(code);
+            status.message = Some(format!(
+                "{message}; its studies on this page are listed without series"
+            ));
+        }
         (Err(failure), _) => {
-            let (status, code, message) = describe(failure);
-            PartnerStatus {
-                partner,
-                status,
-                latency_ms,
-                count: None,
-                code: Some(code),
-                message: Some(message),
+            let (outcome, code, message) = describe(failure);
+            status.status = outcome;
+            status.code = Some(code);
+            status.message = Some(message);
+            if let Failure::Denied(reasons) = failure {
+                status.reasons = reasons.clone();
             }
         }
     }
+    status
 }
 
 fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {
@@ -325,6 +429,11 @@ fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {
             error.code().to_owned(),
             error.to_string(),
         ),
+        Failure::Denied(_) => (
+            PartnerOutcome::Denied,
+            "POLICY_DENIED".to_owned(),
+            "the partner's policies refuse this query; see reasons".to_owned(),
+        ),
     }
 }
 
@@ -334,6 +443,7 @@ fn log_failure(partner: &str, failure: &Failure, phase: &'static str) {
         Failure::Connector(error) => {
             tracing::warn!(partner, phase, code = error.code(), %error, "partner failed")
         }
+        Failure::Denied(_) => tracing::debug!(partner, "partner not asked: denied by policy"),
     }
 }
 

@@ -3,14 +3,20 @@
 use async_graphql::{
     Context, EmptyMutation, EmptySubscription, ErrorExtensions, ID, Json, Object, Schema,
 };
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
+use meshgate_policies::{Authorizer, Deidentifier, Disclosure, MasterKey};
 use meshgate_schema::api::{
-    CohortCount, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner, StudyFilter,
+    CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
+    PatientSummary, StudyFilter,
 };
 use meshgate_schema::fhir::{imaging_study, started_text};
-use meshgate_schema::{QueryError, StudyQuery};
+use meshgate_schema::{Principal, QueryError, StudyQuery};
 
 use crate::cursor::{self, CursorError};
-use crate::federation::{Federation, SortKey};
+use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
 use crate::request::{AuditedAccess, AuditedPartner, RequestContext};
 
 /// Studies per page unless `first` says otherwise.
@@ -20,10 +26,18 @@ pub const MAX_PAGE_SIZE: i32 = 500;
 
 pub type MeshgateSchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
 
-/// Builds the schema over a federation of partners.
-pub fn schema(federation: Federation) -> MeshgateSchema {
+/// What the resolvers work with.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub federation: Federation,
+    pub authorizer: Arc<Authorizer>,
+    pub pseudonym_key: MasterKey,
+}
+
+/// Builds the schema over a federation of partners and its policies.
+pub fn schema(services: Services) -> MeshgateSchema {
     Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
-        .data(federation)
+        .data(services)
         .finish()
 }
 
@@ -43,6 +57,10 @@ pub enum ApiError {
     InvalidPageSize(i32),
     #[error("{0}")]
     InvalidCursor(#[from] CursorError),
+    #[error("project '{0}' is not a registered consortium project")]
+    UnknownProject(String),
+    #[error("a valid bearer token is required")]
+    Unauthenticated,
     #[error("internal error")]
     Internal,
 }
@@ -53,6 +71,8 @@ impl ApiError {
             ApiError::InvalidFilter(_) => QueryError::CODE,
             ApiError::InvalidPageSize(_) => "INVALID_PAGE_SIZE",
             ApiError::InvalidCursor(_) => "INVALID_CURSOR",
+            ApiError::UnknownProject(_) => "UNKNOWN_PROJECT",
+            ApiError::Unauthenticated => "UNAUTHENTICATED",
             ApiError::Internal => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -73,31 +93,44 @@ pub struct QueryRoot;
 #[Object]
 impl QueryRoot {
     /// Studies matching the filter across partners, newest first, a page at
-    /// a time, with each partner's status.
+    /// a time, with each partner's status. `project` is the approved research
+    /// project the query serves; each partner's policies decide what it
+    /// discloses for it.
     async fn imaging_studies(
         &self,
         ctx: &Context<'_>,
+        project: String,
         filter: Option<StudyFilter>,
         #[graphql(default_with = "DEFAULT_PAGE_SIZE")] first: i32,
         after: Option<String>,
     ) -> async_graphql::Result<ImagingStudyConnection> {
-        Self::imaging_studies_page(ctx, filter, first, after)
+        Self::imaging_studies_page(ctx, project, filter, first, after)
             .await
             .map_err(|e| e.extend())
     }
 
-    /// How many studies match the filter, in total and per partner.
+    /// How many studies match the filter, per partner as each may disclose
+    /// it, and in total.
     async fn cohort_count(
         &self,
         ctx: &Context<'_>,
+        project: String,
         filter: Option<StudyFilter>,
     ) -> async_graphql::Result<CohortCount> {
-        Self::cohort(ctx, filter).await.map_err(|e| e.extend())
+        Self::cohort(ctx, project, filter)
+            .await
+            .map_err(|e| e.extend())
+    }
+
+    /// The caller, as the gateway sees them.
+    async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Principal> {
+        principal(ctx).cloned().map_err(|e| e.extend())
     }
 
     /// The consortium's partners and what their connectors can do.
     async fn partners(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Partner>> {
-        let federation = federation(ctx).map_err(|e| e.extend())?;
+        principal(ctx).map_err(|e| e.extend())?;
+        let federation = &services(ctx).map_err(|e| e.extend())?.federation;
         Ok(federation
             .partners()
             .iter()
@@ -111,12 +144,103 @@ impl QueryRoot {
     }
 }
 
-fn federation<'a>(ctx: &Context<'a>) -> Result<&'a Federation, ApiError> {
-    ctx.data::<Federation>().map_err(|_| ApiError::Internal)
+fn services<'a>(ctx: &Context<'a>) -> Result<&'a Services, ApiError> {
+    ctx.data::<Services>().map_err(|_| ApiError::Internal)
+}
+
+fn principal<'a>(ctx: &Context<'a>) -> Result<&'a Principal, ApiError> {
+    ctx.data::<RequestContext>()
+        .ok()
+        .and_then(|request| request.principal.as_ref())
+        .ok_or(ApiError::Unauthenticated)
+}
+
+/// Asks the policies what each partner the query asks may disclose.
+fn grants(services: &Services, principal: &Principal, project: &str, query: &StudyQuery) -> Grants {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    services
+        .federation
+        .asked(query)
+        .iter()
+        .map(|partner| {
+            let disclosure = services
+                .authorizer
+                .decide(principal, project, &partner.id, now);
+            let deidentifier = match &disclosure {
+                Disclosure::Deidentified(profile) => Some(Deidentifier::new(
+                    services.pseudonym_key.project_key(project),
+                    profile.clone(),
+                    &partner.id,
+                )),
+                _ => None,
+            };
+            (
+                partner.id.clone(),
+                Grant {
+                    disclosure,
+                    deidentifier,
+                },
+            )
+        })
+        .collect()
+}
+
+fn node(found: &FoundStudy) -> Result<ImagingStudyNode, ApiError> {
+    let options = found.partner.mapping;
+    let study = &found.study;
+    let labels = found
+        .deidentification
+        .as_ref()
+        .map(|(profile, _)| profile.security_labels())
+        .unwrap_or_default();
+    let age = study
+        .age_at_study()
+        .map(|age| match &found.deidentification {
+            Some(_) if age >= AGE_CAP => format!("{AGE_CAP}+"),
+            _ => age.to_string(),
+        });
+    Ok(ImagingStudyNode {
+        study_instance_uid: study.uid.clone(),
+        partner: ID(found.partner.id.clone()),
+        connector_kind: found.partner.connector.kind(),
+        started: started_text(study, &options),
+        modalities: study.modalities.clone(),
+        body_parts: study.body_parts.clone(),
+        description: study.description.clone(),
+        number_of_series: study.number_of_series,
+        number_of_instances: study.number_of_instances,
+        patient: PatientSummary {
+            reference: study.patient_id.clone(),
+            sex: study.patient_sex,
+            age,
+        },
+        deidentification: found.deidentification.as_ref().map(|(profile, basis)| {
+            Deidentification {
+                profile: profile.name(),
+                options: profile.options().map(|o| o.name().to_owned()).collect(),
+                dates_shifted_per_study: *basis == ShiftBasis::Study,
+            }
+        }),
+        fhir: Json(imaging_study(study, &options, &labels).map_err(|error| {
+            tracing::error!(%error, "FHIR mapping failed");
+            ApiError::Internal
+        })?),
+    })
 }
 
 impl QueryRoot {
-    fn query(federation: &Federation, filter: Option<StudyFilter>) -> Result<StudyQuery, ApiError> {
+    fn query(
+        services: &Services,
+        project: &str,
+        filter: Option<StudyFilter>,
+    ) -> Result<StudyQuery, ApiError> {
+        if !services.authorizer.has_project(project) {
+            return Err(ApiError::UnknownProject(project.to_owned()));
+        }
+        let federation = &services.federation;
         let query = StudyQuery::try_from(filter.unwrap_or_default())?;
         if let Some(unknown) = query
             .partners
@@ -130,12 +254,14 @@ impl QueryRoot {
 
     async fn imaging_studies_page(
         ctx: &Context<'_>,
+        project: String,
         filter: Option<StudyFilter>,
         first: i32,
         after: Option<String>,
     ) -> Result<ImagingStudyConnection, ApiError> {
-        let federation = federation(ctx)?;
-        let query = Self::query(federation, filter)?;
+        let principal = principal(ctx)?;
+        let services = services(ctx)?;
+        let query = Self::query(services, &project, filter)?;
         if !(1..=MAX_PAGE_SIZE).contains(&first) {
             return Err(ApiError::InvalidPageSize(first));
         }
@@ -145,10 +271,15 @@ impl QueryRoot {
             .transpose()?;
         let first = usize::try_from(first).map_err(|_| ApiError::InvalidPageSize(first))?;
 
-        let page = federation.page(&query, first, after.as_ref()).await;
+        let grants = grants(services, principal, &project, &query);
+        let page = services
+            .federation
+            .page(&query, &grants, first, after.as_ref())
+            .await;
         if let Ok(request) = ctx.data::<RequestContext>() {
             request.note(AuditedAccess {
                 field: "imagingStudies",
+                project: project.clone(),
                 filter_fingerprint: fingerprint.clone(),
                 partners: page
                     .statuses
@@ -163,25 +294,7 @@ impl QueryRoot {
         let nodes = page
             .studies
             .iter()
-            .map(|found| {
-                let options = found.partner.mapping;
-                let study = &found.study;
-                Ok(ImagingStudyNode {
-                    study_instance_uid: study.uid.clone(),
-                    partner: ID(found.partner.id.clone()),
-                    connector_kind: found.partner.connector.kind(),
-                    started: started_text(study, &options),
-                    modalities: study.modalities.clone(),
-                    body_parts: study.body_parts.clone(),
-                    description: study.description.clone(),
-                    number_of_series: study.number_of_series,
-                    number_of_instances: study.number_of_instances,
-                    fhir: Json(imaging_study(study, &options).map_err(|error| {
-                        tracing::error!(%error, "FHIR mapping failed");
-                        ApiError::Internal
-                    })?),
-                })
-            })
+            .map(node)
             .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(ImagingStudyConnection {
             nodes,
@@ -196,14 +309,18 @@ impl QueryRoot {
 
     async fn cohort(
         ctx: &Context<'_>,
+        project: String,
         filter: Option<StudyFilter>,
     ) -> Result<CohortCount, ApiError> {
-        let federation = federation(ctx)?;
-        let query = Self::query(federation, filter)?;
-        let (total, partners) = federation.count(&query).await;
+        let principal = principal(ctx)?;
+        let services = services(ctx)?;
+        let query = Self::query(services, &project, filter)?;
+        let grants = grants(services, principal, &project, &query);
+        let (total, partners) = services.federation.count(&query, &grants).await;
         if let Ok(request) = ctx.data::<RequestContext>() {
             request.note(AuditedAccess {
                 field: "cohortCount",
+                project,
                 filter_fingerprint: query.fingerprint(),
                 partners: partners.iter().map(AuditedPartner::from_status).collect(),
             });
@@ -212,7 +329,8 @@ impl QueryRoot {
             .iter()
             .all(|s| s.status == meshgate_schema::PartnerOutcome::Ok);
         Ok(CohortCount {
-            total,
+            total: total.value,
+            total_is_lower_bound: total.lower_bound,
             complete,
             partners,
         })

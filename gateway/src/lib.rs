@@ -15,13 +15,15 @@
 //! partners, [`demo`] runs a three-partner gateway on local data.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod cursor;
 pub mod demo;
+pub mod dev_issuer;
 pub mod federation;
 pub mod graphql;
 pub mod request;
 pub mod synth;
 
-pub use app::{build_app, federation, run};
+pub use app::{Gateway, build_app, federation, run, start};
 pub use config::{Config, ConfigError, LoadedConfig, ProcessEnvironment};

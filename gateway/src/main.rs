@@ -8,8 +8,9 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshgate_gateway::config::{Config, ProcessEnvironment};
+use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{SynthSpec, synthesise};
-use meshgate_gateway::{LoadedConfig, build_app, demo, federation, graphql, run};
+use meshgate_gateway::{LoadedConfig, build_app, demo, graphql, run, start};
 use tokio::net::TcpListener;
 
 /// meshgate: one GraphQL API over a research consortium's imaging stores.
@@ -54,8 +55,26 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print the GraphQL schema (SDL).
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run policy test cases (TOML files of expected decisions) against the
+    /// policies, partners and projects of a configuration. Exit code 1 when
+    /// a case fails, 2 when the configuration or a policy is invalid.
+    Test {
+        #[arg(long)]
+        config: PathBuf,
+        /// A case file, or a folder of them.
+        cases: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +140,9 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Policy {
+            command: PolicyCommand::Test { config, cases },
+        } => policy_test(&config, &cases),
         Command::Serve { config } => {
             let loaded = match Config::load(&config, &ProcessEnvironment) {
                 Ok(loaded) => loaded,
@@ -129,26 +151,67 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            serve(loaded, Instant::now(), false)
+            block_on(serve(loaded, Instant::now(), false))
         }
         Command::Demo {
             data,
             listen,
             studies,
-        } => {
-            let started = Instant::now();
-            match demo::prepare(&data, listen, studies, &ProcessEnvironment) {
-                Ok(loaded) => serve(loaded, started, true),
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => block_on(run_demo(data, listen, studies)),
     }
 }
 
-fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> ExitCode {
+fn policy_test(config: &std::path::Path, cases: &std::path::Path) -> ExitCode {
+    let loaded = match Config::load(config, &ProcessEnvironment) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let authorizer = match meshgate_policies::Authorizer::new(&loaded.policies) {
+        Ok(authorizer) => authorizer,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let files = match meshgate_policies::cases::load(cases) {
+        Ok(files) => files,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    let results = meshgate_policies::cases::run(&authorizer, &files, now);
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    for result in &results {
+        match &result.failure {
+            None => println!("ok      {}", result.name),
+            Some(failure) => println!(
+                "FAILED  {} ({}): {failure}",
+                result.name,
+                result.file.display()
+            ),
+        }
+    }
+    println!(
+        "\n{} cases: {} passed, {failed} failed",
+        results.len(),
+        results.len() - failed
+    );
+    if failed == 0 && !results.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,7 +222,7 @@ fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve_async(loaded, started, demo)) {
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -168,8 +231,31 @@ fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> ExitCode {
     }
 }
 
-async fn serve_async(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Result<()> {
-    let federation = federation(&loaded).await?;
+async fn run_demo(data: PathBuf, listen: SocketAddr, studies: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let issuer = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let loaded = demo::prepare(
+        &data,
+        listen,
+        studies,
+        &demo::DemoIssuer::from(&issuer),
+        &ProcessEnvironment,
+    )?;
+    println!(
+        "DEVELOPMENT token issuer (loopback only, never for real data): {}",
+        issuer.issuer()
+    );
+    println!("Tokens, valid for 8 hours:");
+    for (who, token) in demo::tokens(&issuer, std::time::Duration::from_secs(8 * 3600)) {
+        println!("\n  {who}:\n  {token}");
+    }
+    println!();
+    serve(loaded, started, true).await
+}
+
+async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Result<()> {
+    let gateway = start(&loaded).await?;
+    gateway.authenticator.warm_up().await;
     let listener = TcpListener::bind(loaded.config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
@@ -180,11 +266,12 @@ async fn serve_async(loaded: LoadedConfig, started: Instant, demo: bool) -> anyh
     );
     if demo {
         println!(
-            "\nOpen http://{address}/graphql in a browser (GraphiQL) and try:\n\n{}\n",
+            "\nOpen http://{address}/graphql in a browser (GraphiQL), add the header\n  \
+             {{\"Authorization\": \"Bearer <the researcher token>\"}}\nand try:\n\n{}\n",
             demo::SAMPLE_QUERY
         );
     }
-    run(listener, build_app(federation), shutdown_signal()).await?;
+    run(listener, build_app(gateway), shutdown_signal()).await?;
     Ok(())
 }
 

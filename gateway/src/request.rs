@@ -1,31 +1,23 @@
 //! What travels with each request: who asks, and what must be audited.
 //!
-//! Authentication (OIDC bearer tokens → [`Principal`]), per-partner policy
-//! decisions and the durable audit log arrive in later changes; these are
-//! the seams they plug into. Until then, every request is unauthenticated
-//! ([`RequestContext::principal`] is `None`), every partner is asked, and
-//! audit records go to the structured log.
+//! The principal comes from the bearer token ([`crate::auth`]); the
+//! resolvers note each data access with its per-partner decisions. Audit
+//! records go to an [`AuditSink`] before the response leaves; the durable,
+//! hash-chained log is a later change, and today's sink is the structured log.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use meshgate_schema::api::{PartnerOutcome, PartnerStatus};
+use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
+use meshgate_schema::{Principal, Role};
 use serde::Serialize;
-
-/// A verified caller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Principal {
-    pub subject: String,
-    pub institution: Option<String>,
-    pub roles: Vec<String>,
-}
 
 /// Per-request data the resolvers see.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: String,
     pub client: Option<SocketAddr>,
-    /// `None` until authentication is configured.
+    /// `None` only for requests refused before authentication succeeded.
     pub principal: Option<Principal>,
     /// What the resolvers did, for the audit record.
     pub trail: Arc<Mutex<Vec<AuditedAccess>>>,
@@ -58,7 +50,12 @@ impl RequestContext {
         AuditRecord {
             request_id: self.request_id.clone(),
             client: self.client.map(|c| c.ip().to_string()),
-            subject: self.principal.as_ref().map(|p| p.subject.clone()),
+            principal: self.principal.as_ref().map(|p| AuditedPrincipal {
+                issuer: p.issuer.clone(),
+                subject: p.subject.clone(),
+                institution: p.institution.clone(),
+                roles: p.roles.clone(),
+            }),
             operation,
             outcome: if error_codes.is_empty() {
                 "success"
@@ -76,6 +73,8 @@ impl RequestContext {
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditedAccess {
     pub field: &'static str,
+    /// The research project the access served.
+    pub project: String,
     pub filter_fingerprint: String,
     pub partners: Vec<AuditedPartner>,
 }
@@ -84,7 +83,12 @@ pub struct AuditedAccess {
 pub struct AuditedPartner {
     pub partner: String,
     pub status: PartnerOutcome,
+    /// The policy decision.
+    pub disclosure: DisclosureLevel,
+    pub deidentification_profile: Option<String>,
+    /// The count as disclosed (never a suppressed one).
     pub count: Option<u32>,
+    pub count_disclosure: Option<CountDisclosure>,
 }
 
 impl AuditedPartner {
@@ -92,9 +96,21 @@ impl AuditedPartner {
         AuditedPartner {
             partner: status.partner.to_string(),
             status: status.status,
+            disclosure: status.disclosure,
+            deidentification_profile: status.deidentification_profile.clone(),
             count: status.count,
+            count_disclosure: status.count_disclosure,
         }
     }
+}
+
+/// Who asked, in an audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditedPrincipal {
+    pub issuer: String,
+    pub subject: String,
+    pub institution: Option<String>,
+    pub roles: Vec<Role>,
 }
 
 /// One request's audit record.
@@ -102,7 +118,7 @@ impl AuditedPartner {
 pub struct AuditRecord {
     pub request_id: String,
     pub client: Option<String>,
-    pub subject: Option<String>,
+    pub principal: Option<AuditedPrincipal>,
     pub operation: Option<String>,
     pub outcome: &'static str,
     pub error_codes: Vec<String>,

@@ -36,11 +36,26 @@ fn config_check_names_file_line_and_field_and_exits_with_code_2() {
     assert!(stderr.contains("deadlin_ms"), "{stderr}");
 }
 
+/// A complete configuration: one files partner, no policies (deny all).
+fn valid_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("pseudonym.key");
+    std::fs::write(&key, "x".repeat(32)).unwrap();
+    let file = dir.join("meshgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\n[[auth.issuers]]\nissuer = \"https://login.example.org\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/jwks\"\n\n[policies]\nconsortium = []\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ninstitution = \"north\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = \"/data\" }}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
 #[test]
 fn config_check_accepts_a_valid_file() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("meshgate.toml");
-    std::fs::write(&file, "[[partners]]\nid = \"north\"\nname = \"North\"\nconnector = { kind = \"files\", path = \"/data\" }\n").unwrap();
+    let file = valid_config(dir.path());
     let output = meshgate()
         .args(["config", "check"])
         .arg(&file)
@@ -96,6 +111,34 @@ fn synth_writes_dicom_files_and_a_manifest_row_per_study() {
 }
 
 #[test]
+fn config_check_reports_a_policy_that_does_not_validate_with_its_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = valid_config(dir.path());
+    let policy = dir.path().join("consortium.cedar");
+    std::fs::write(
+        &policy,
+        "// researchers\npermit (principal, action, resource)\nwhen { principal.clearence == \"high\" };\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("consortium = []", "consortium = [\"consortium.cedar\"]");
+    std::fs::write(&file, text).unwrap();
+    let output = meshgate()
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:", policy.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("clearence"), "{stderr}");
+}
+
+#[test]
 fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on_sigterm() {
     use std::io::{BufRead, BufReader, Read, Write};
 
@@ -118,7 +161,16 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     );
     let mut stdout = BufReader::new(demo.0.stdout.take().unwrap());
     let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    let mut token = None;
+    let mut previous = String::new();
+    while !line.contains("listening on") {
+        previous = std::mem::take(&mut line);
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "demo ended early");
+        if previous.contains("researcher (") {
+            token = Some(line.trim().to_owned());
+        }
+    }
+    let token = token.expect("the demo prints a researcher token");
     assert!(line.contains("listening on http://127.0.0.1:"), "{line}");
     let address = line
         .split("http://")
@@ -137,7 +189,7 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     let mut stream = std::net::TcpStream::connect(&address).unwrap();
     write!(
         stream,
-        "POST /graphql HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /graphql HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -148,8 +200,28 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     let statuses = json["data"]["imagingStudies"]["partners"]
         .as_array()
         .unwrap();
-    assert_eq!(statuses.len(), 3, "{json}");
-    assert!(statuses.iter().all(|s| s["status"] == "OK"), "{json}");
+    let outcome = |i: usize| {
+        (
+            statuses[i]["partner"].as_str(),
+            statuses[i]["disclosure"].as_str(),
+        )
+    };
+    assert_eq!(
+        [outcome(0), outcome(1), outcome(2)],
+        [
+            (Some("north"), Some("DEIDENTIFIED")),
+            (Some("south"), Some("COUNTS_ONLY")),
+            (Some("east"), Some("DENIED")),
+        ],
+        "{json}"
+    );
+    assert!(
+        statuses[2]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("project demo is not approved for east's dataset"),
+        "{json}"
+    );
     assert!(
         json["data"]["cohortCount"]["total"].as_u64().is_some(),
         "{json}"
@@ -163,6 +235,39 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     assert!(
         demo.0.wait().unwrap().success(),
         "SIGTERM drains and exits 0"
+    );
+    drop(previous);
+
+    // The example policy cases pass against the demo's configuration.
+    let cases = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/cases");
+    let output = meshgate()
+        .args(["policy", "test", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .arg(&cases)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+
+    // A case that expects the wrong decision fails the run with code 1.
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        "[[case]]\nname = \"south releases records\"\nroles = [\"researcher\"]\nprojects = [\"demo\"]\npartner = \"south\"\nproject = \"demo\"\nexpect = \"DEIDENTIFIED\"\n",
+    )
+    .unwrap();
+    let output = meshgate()
+        .args(["policy", "test", "--config"])
+        .arg(dir.path().join("meshgate.toml"))
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("FAILED  south releases records"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
     );
 }
 

@@ -96,6 +96,35 @@ pub enum PartnerOutcome {
     Unavailable,
     /// Answered with an error.
     Error,
+    /// Not asked: its policies refuse this query (see `reasons`).
+    Denied,
+}
+
+/// What a partner's policy lets it disclose for a query.
+#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DisclosureLevel {
+    /// Nothing.
+    Denied,
+    /// A count, under count disclosure control; no records.
+    CountsOnly,
+    /// Records de-identified under the profile its policy chose.
+    Deidentified,
+    /// Records as held (a partner's own staff, where its policy grants it).
+    Identified,
+}
+
+/// How a partner's count was disclosed.
+#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CountDisclosure {
+    /// The true count.
+    Exact,
+    /// Rounded to the partner's rounding base.
+    Rounded,
+    /// Below the partner's threshold: not disclosed (neither the number nor
+    /// whether it is zero).
+    Suppressed,
 }
 
 /// One partner's part in a query.
@@ -105,18 +134,51 @@ pub struct PartnerStatus {
     pub status: PartnerOutcome,
     /// Time spent on this partner, in milliseconds.
     pub latency_ms: u32,
-    /// Matching studies this partner reported; absent if it did not answer.
+    /// What this partner's policy lets it disclose for this query.
+    pub disclosure: DisclosureLevel,
+    /// The de-identification profile of its records, when DEIDENTIFIED.
+    pub deidentification_profile: Option<String>,
+    /// Matching studies, as disclosed (see `countDisclosure`); absent when
+    /// suppressed, denied or the partner did not answer.
     pub count: Option<u32>,
+    pub count_disclosure: Option<CountDisclosure>,
+    /// Why the partner refused, when DENIED: what to change to be allowed.
+    pub reasons: Vec<String>,
     /// A stable code for what went wrong, when something did.
     pub code: Option<String>,
     /// What went wrong, for people; never upstream bodies or identifiers.
     pub message: Option<String>,
 }
 
+/// How a study was de-identified.
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct Deidentification {
+    /// The profile's name: `basic` and its options, e.g.
+    /// `basic+retain-longitudinal-modified-dates`.
+    pub profile: String,
+    /// The DICOM PS3.15 Annex E options applied.
+    pub options: Vec<String>,
+    /// True when dates were shifted per study rather than per patient (the
+    /// partner recorded no patient ID): intervals between a patient's
+    /// studies are then not kept.
+    pub dates_shifted_per_study: bool,
+}
+
+/// What a study discloses about its patient.
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct PatientSummary {
+    /// The patient's ID, or a pseudonym (stable within a project) when de-identified.
+    pub reference: Option<String>,
+    pub sex: Option<PatientSex>,
+    /// Age in whole years at the study; `90+` for 90 and over when de-identified.
+    pub age: Option<String>,
+}
+
 /// A study in a result, with its provenance and the full FHIR resource.
 #[derive(SimpleObject, Debug, Clone)]
 #[graphql(name = "ImagingStudy")]
 pub struct ImagingStudyNode {
+    /// The Study Instance UID, or its pseudonym when de-identified.
     pub study_instance_uid: String,
     /// The partner that holds the study.
     pub partner: ID,
@@ -128,6 +190,9 @@ pub struct ImagingStudyNode {
     pub description: Option<String>,
     pub number_of_series: Option<u32>,
     pub number_of_instances: Option<u32>,
+    pub patient: PatientSummary,
+    /// How the study was de-identified; absent for identified records.
+    pub deidentification: Option<Deidentification>,
     /// The study as a FHIR R4 ImagingStudy resource.
     pub fhir: Json<serde_json::Value>,
 }
@@ -144,7 +209,8 @@ pub struct PageInfo {
 pub struct ImagingStudyConnection {
     pub nodes: Vec<ImagingStudyNode>,
     pub page_info: PageInfo,
-    /// Matching studies across the partners that answered.
+    /// Studies that can be paged through: those of partners that answered
+    /// and release records.
     pub total_count: u32,
     pub partners: Vec<PartnerStatus>,
 }
@@ -152,7 +218,11 @@ pub struct ImagingStudyConnection {
 /// How many studies match, in total and per partner.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct CohortCount {
+    /// The sum of the disclosed per-partner counts.
     pub total: u32,
+    /// True when some partner's count was suppressed or rounded: the true
+    /// total may be larger.
+    pub total_is_lower_bound: bool,
     /// True when every partner asked answered completely.
     pub complete: bool,
     pub partners: Vec<PartnerStatus>,

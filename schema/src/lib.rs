@@ -22,7 +22,7 @@ pub mod principal;
 pub mod query;
 pub mod study;
 
-pub use api::{ConnectorKind, PartnerOutcome};
+pub use api::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
 pub use capabilities::{Capabilities, FilterKind, PagingStyle};
 pub use principal::{Principal, Role};
 pub use query::{AgeRange, DateRange, QueryError, StudyQuery};
