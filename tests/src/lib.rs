@@ -22,8 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use meshgate_gateway::config::ProcessEnvironment;
+use meshgate_gateway::demo::{DEMO_PARTNERS, DEMO_PROJECTS};
+use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{DICOM_DIR, ManifestRow, SynthSpec, synthesise};
-use meshgate_gateway::{Config, build_app, federation, run};
+use meshgate_gateway::{Config, build_app, run, start};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -272,44 +274,190 @@ impl TcpProxy {
     }
 }
 
-/// A running gateway, stopped when dropped.
+/// Which policies a test gateway runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policies {
+    /// Test-only policies: anyone approved for project `ground-truth` reads
+    /// identified records from every partner, so answers can be compared
+    /// with the synthesiser's manifests.
+    GroundTruth,
+    /// The shipped example policies (`policies/examples`) with the demo's
+    /// partners (north, south, east) and projects (demo, lung-cancer).
+    Examples,
+}
+
+/// The project the ground-truth policies serve.
+pub const GROUND_TRUTH_PROJECT: &str = "ground-truth";
+
+/// A running gateway with its own development token issuer (a real JWKS
+/// over HTTP), stopped when dropped.
 #[derive(Debug)]
 pub struct Gateway {
     pub url: String,
+    pub issuer: DevIssuer,
+    /// A researcher approved for the ground-truth and example projects.
+    pub token: String,
     client: reqwest::Client,
+    _dir: tempfile::TempDir,
     _stop: oneshot::Sender<()>,
 }
 
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 impl Gateway {
-    /// Starts a gateway whose `[[partners]]` tables are `partners_toml`.
+    /// Starts a gateway whose `[[partners]]` tables are `partners_toml`,
+    /// under the ground-truth policies.
     pub async fn start(partners_toml: &str) -> Gateway {
-        let text = format!("listen = \"127.0.0.1:0\"\n{partners_toml}");
-        let loaded = Config::from_toml(&text, Path::new("e2e.toml"), &ProcessEnvironment).unwrap();
-        let app = build_app(federation(&loaded).await.unwrap());
+        Gateway::start_with(partners_toml, Policies::GroundTruth).await
+    }
+
+    /// Starts a gateway whose `[[partners]]` tables are `partners_toml`;
+    /// each partner's institution, data use and policies come from `policies`.
+    pub async fn start_with(partners_toml: &str, policies: Policies) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let key = dir.path().join("pseudonym.key");
+        std::fs::write(&key, "test pseudonymisation key material, 32+ bytes").unwrap();
+        let allow = dir.path().join("allow.cedar");
+        std::fs::write(
+            &allow,
+            "permit (principal, action in Meshgate::Action::\"QueryStudies\", resource)\n\
+             when { principal.projects.contains(context.project) };\n",
+        )
+        .unwrap();
+
+        let mut partners: toml::Table = toml::from_str(partners_toml).unwrap();
+        for partner in partners["partners"].as_array_mut().unwrap() {
+            let table = partner.as_table_mut().unwrap();
+            let id = table["id"].as_str().unwrap().to_owned();
+            let (institution, data_use, policy) = match policies {
+                Policies::GroundTruth => (
+                    format!("{id}-hospital"),
+                    "DUO:0000042".to_owned(),
+                    allow.clone(),
+                ),
+                Policies::Examples => {
+                    let demo = DEMO_PARTNERS
+                        .iter()
+                        .find(|p| p.id == id)
+                        .expect("example policies exist for north, south and east");
+                    (
+                        demo.institution.to_owned(),
+                        demo.data_use.to_owned(),
+                        repository().join(format!("policies/examples/partners/{id}.cedar")),
+                    )
+                }
+            };
+            table.insert("institution".into(), institution.into());
+            table.insert(
+                "data_use".into(),
+                toml::Value::Table(toml::Table::from_iter([(
+                    "permission".to_owned(),
+                    data_use.into(),
+                )])),
+            );
+            table.insert(
+                "policies".into(),
+                vec![toml::Value::from(policy.display().to_string())].into(),
+            );
+        }
+        let (consortium, projects) = match policies {
+            Policies::GroundTruth => (
+                allow.display().to_string(),
+                format!(
+                    "[[projects]]\nid = \"{GROUND_TRUTH_PROJECT}\"\ntitle = \"Ground truth\"\npurposes = [\"DUO:0000042\"]\n"
+                ),
+            ),
+            Policies::Examples => (
+                repository()
+                    .join("policies/examples/consortium")
+                    .display()
+                    .to_string(),
+                DEMO_PROJECTS
+                    .iter()
+                    .map(|(id, title, purpose)| {
+                        format!(
+                            "[[projects]]\nid = \"{id}\"\ntitle = \"{title}\"\npurposes = [\"{purpose}\"]\nethics_approved = true\n"
+                        )
+                    })
+                    .collect(),
+            ),
+        };
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n\n[auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"meshgate\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
+             [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n{projects}\n{partners}",
+            issuer = toml_string(issuer.issuer()),
+            jwks = toml_string(&issuer.jwks_url()),
+            consortium = toml_string(&consortium),
+            key = toml_string(&format!("${{file:{}}}", key.display())),
+            partners = toml::to_string(&partners).unwrap(),
+        );
+        let loaded = Config::from_toml(&text, &dir.path().join("e2e.toml"), &ProcessEnvironment)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let app = build_app(start(&loaded).await.unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/graphql", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(run(listener, app, async {
             let _ = stopped.await;
         }));
+        let token = issuer.token(
+            &json!({
+                "sub": "e2e-researcher",
+                "institution": "e2e-university",
+                "roles": ["researcher"],
+                "projects": [GROUND_TRUTH_PROJECT, "demo", "lung-cancer"],
+            }),
+            Duration::from_secs(3600),
+        );
         Gateway {
             url,
+            issuer,
+            token,
             client: reqwest::Client::new(),
+            _dir: dir,
             _stop: stop,
         }
     }
 
-    /// Sends a GraphQL query; returns the HTTP status and the JSON body.
+    /// Sends a GraphQL query as the default researcher; returns the HTTP
+    /// status and the JSON body.
     pub async fn post(&self, query: &str, variables: Value) -> (u16, Value) {
-        let response = self
+        self.post_as(Some(&self.token), query, variables).await
+    }
+
+    /// Sends a GraphQL query with this bearer token (or none).
+    pub async fn post_as(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        variables: Value,
+    ) -> (u16, Value) {
+        let (status, bytes) = self.post_raw(token, query, variables).await;
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// Sends a GraphQL query; returns the status and the raw response body.
+    pub async fn post_raw(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        variables: Value,
+    ) -> (u16, Vec<u8>) {
+        let mut request = self
             .client
             .post(&self.url)
-            .json(&json!({"query": query, "variables": variables}))
-            .send()
-            .await
-            .unwrap();
+            .json(&json!({"query": query, "variables": variables}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
+        (status, response.bytes().await.unwrap().to_vec())
     }
 
     /// Sends a GraphQL query that must succeed without errors; returns `data`.

@@ -19,7 +19,7 @@ use time::macros::date;
 
 const PAGE_QUERY: &str = r#"
 query Page($filter: StudyFilter, $first: Int!, $after: String) {
-  imagingStudies(filter: $filter, first: $first, after: $after) {
+  imagingStudies(project: "ground-truth", filter: $filter, first: $first, after: $after) {
     nodes { studyInstanceUid partner connectorKind started modalities fhir }
     pageInfo { hasNextPage endCursor }
     totalCount
@@ -29,7 +29,7 @@ query Page($filter: StudyFilter, $first: Int!, $after: String) {
 
 const COUNT_QUERY: &str = r#"
 query Count($filter: StudyFilter) {
-  cohortCount(filter: $filter) { total complete partners { partner status count } }
+  cohortCount(project: "ground-truth", filter: $filter) { total complete partners { partner status count } }
 }"#;
 
 struct Consortium {
@@ -388,14 +388,23 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
     // Malformed GraphQL never reaches execution.
     let (status, body) = c
         .gateway
-        .post("{ imagingStudies(first: 5) { nodes { ", json!({}))
+        .post(
+            "{ imagingStudies(project: \"ground-truth\", first: 5) { nodes { ",
+            json!({}),
+        )
         .await;
     assert_eq!(status, 400);
     assert_eq!(
         body["errors"][0]["extensions"]["code"],
         "GRAPHQL_PARSE_FAILED"
     );
-    let (_, body) = c.gateway.post("{ cohortCount { totl } }", json!({})).await;
+    let (_, body) = c
+        .gateway
+        .post(
+            "{ cohortCount(project: \"ground-truth\") { totl } }",
+            json!({}),
+        )
+        .await;
     assert_eq!(
         body["errors"][0]["extensions"]["code"],
         "GRAPHQL_VALIDATION_FAILED"

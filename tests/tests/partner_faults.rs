@@ -19,12 +19,12 @@ use serde_json::{Value, json};
 
 const QUERY: &str = r#"
 query Page($first: Int!) {
-  imagingStudies(first: $first) {
+  imagingStudies(project: "ground-truth", first: $first) {
     nodes { partner studyInstanceUid }
     totalCount
     partners { partner status count code message latencyMs }
   }
-  cohortCount { total complete partners { partner status count } }
+  cohortCount(project: "ground-truth") { total complete partners { partner status count } }
 }"#;
 
 fn status<'a>(data: &'a Value, field: &str, partner: &str) -> &'a Value {
