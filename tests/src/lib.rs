@@ -81,6 +81,50 @@ impl SyntheticPartner {
     pub fn dicom_dir(&self) -> PathBuf {
         self.dir.path().join(DICOM_DIR)
     }
+
+    /// Every identifying value in the partner's DICOM files, read from the
+    /// files themselves: patient names, IDs, birth dates (as DICOM and ISO
+    /// dates), accession numbers, and study, series and SOP instance UIDs.
+    pub fn identifiers(&self) -> Vec<String> {
+        use dicom_dictionary_std::tags;
+        let mut found = std::collections::BTreeSet::new();
+        let mut folders = vec![self.dicom_dir()];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    folders.push(path);
+                    continue;
+                }
+                let object = dicom_object::OpenFileOptions::new()
+                    .read_until(tags::PIXEL_DATA)
+                    .open_file(&path)
+                    .unwrap();
+                for tag in [
+                    tags::PATIENT_NAME,
+                    tags::PATIENT_ID,
+                    tags::PATIENT_BIRTH_DATE,
+                    tags::ACCESSION_NUMBER,
+                    tags::STUDY_INSTANCE_UID,
+                    tags::SERIES_INSTANCE_UID,
+                    tags::SOP_INSTANCE_UID,
+                ] {
+                    let value = object.element(tag).unwrap().to_str().unwrap();
+                    let value = value.trim_end_matches(['\0', ' ']).to_owned();
+                    // The ISO form only for births before 2000: later ones
+                    // could equal a (shifted) study date, which may be shown.
+                    if tag == tags::PATIENT_BIRTH_DATE
+                        && value.len() == 8
+                        && value.as_str() < "2000"
+                    {
+                        found.insert(format!("{}-{}-{}", &value[..4], &value[4..6], &value[6..]));
+                    }
+                    found.insert(value);
+                }
+            }
+        }
+        found.into_iter().filter(|v| !v.is_empty()).collect()
+    }
 }
 
 /// A running Orthanc with the DICOMweb plugin, on a free port with its own
