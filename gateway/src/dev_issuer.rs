@@ -4,6 +4,8 @@
 //! identity provider instead. It refuses to listen anywhere but loopback.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -39,6 +41,7 @@ pub struct DevIssuer {
     kid: String,
     key: EncodingKey,
     jwk: Jwk,
+    jwks_requests: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -78,10 +81,13 @@ impl DevIssuer {
             "jwks_uri": format!("http://{address}/meshgate-dev-issuer/jwks.json"),
             "id_token_signing_alg_values_supported": ["EdDSA"],
         });
+        let jwks_requests = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&jwks_requests);
         let app = Router::new()
             .route(
                 "/meshgate-dev-issuer/jwks.json",
                 get(move || {
+                    counter.fetch_add(1, Ordering::Relaxed);
                     let jwks = jwks.clone();
                     async move { axum::Json(jwks) }
                 }),
@@ -110,8 +116,14 @@ impl DevIssuer {
             kid,
             key,
             jwk,
+            jwks_requests,
             _stop: stop,
         })
+    }
+
+    /// How many times its JWKS has been fetched.
+    pub fn jwks_requests(&self) -> u64 {
+        self.jwks_requests.load(Ordering::Relaxed)
     }
 
     /// The `iss` of its tokens.
@@ -157,9 +169,19 @@ impl DevIssuer {
 
     /// Signs exactly these claims (no defaults added).
     pub fn sign(&self, claims: &Value) -> String {
+        self.sign_with(&self.header(), claims)
+    }
+
+    /// The header of its tokens: EdDSA, its `kid`, `typ: JWT`.
+    pub fn header(&self) -> Header {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
-        encode(&header, claims, &self.key).unwrap_or_default()
+        header
+    }
+
+    /// Signs these claims under this header with the issuer's key.
+    pub fn sign_with(&self, header: &Header, claims: &Value) -> String {
+        encode(header, claims, &self.key).unwrap_or_default()
     }
 }
