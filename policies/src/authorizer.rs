@@ -157,12 +157,15 @@ impl QueryAction {
 /// Decides, for a principal and a project, what each partner discloses.
 #[derive(Debug)]
 pub struct Authorizer {
-    schema: Schema,
     consortium: PolicySet,
     partners: HashMap<String, PolicySet>,
     projects: HashMap<String, ProjectFacts>,
-    /// Partners, datasets, institutions and projects: the same for every request.
-    entities: Vec<Entity>,
+    /// Each project's entity.
+    project_entities: HashMap<String, Entity>,
+    /// Each partner's entity with its dataset and institution.
+    partner_entities: HashMap<String, Vec<Entity>>,
+    /// The action hierarchy (`CountStudies in QueryStudies`, ...).
+    actions: Entities,
     cedar: CedarAuthorizer,
 }
 
@@ -193,23 +196,39 @@ impl Authorizer {
             .iter()
             .map(|p| (p.id.clone(), p.clone()))
             .collect();
-        let entities = static_entities(config).map_err(|message| PolicyError {
+        let config_error = |message: String| PolicyError {
             file: PathBuf::from("configuration"),
             line: None,
             message,
+        };
+        let (partner_entities, project_entities) = static_entities(config).map_err(config_error)?;
+        // Check the entities against the schema once, at start-up; requests
+        // then only add the caller, built by the same code every time.
+        Entities::from_entities(
+            partner_entities
+                .values()
+                .flatten()
+                .chain(project_entities.values())
+                .map(|entity| (entity.uid().to_string(), entity.clone()))
+                .collect::<BTreeMap<String, Entity>>()
+                .into_values(),
+            Some(&schema),
+        )
+        .map_err(|error| {
+            config_error(format!(
+                "partners and projects do not fit the Cedar schema: {error}"
+            ))
         })?;
-        // Check the entities against the schema once, at start-up.
-        Entities::from_entities(entities.clone(), Some(&schema)).map_err(|error| PolicyError {
-            file: PathBuf::from("configuration"),
-            line: None,
-            message: format!("partners and projects do not fit the Cedar schema: {error}"),
-        })?;
+        let actions = schema
+            .action_entities()
+            .map_err(|error| config_error(error.to_string()))?;
         Ok(Authorizer {
-            schema,
             consortium,
             partners,
             projects,
-            entities,
+            project_entities,
+            partner_entities,
+            actions,
             cedar: CedarAuthorizer::new(),
         })
     }
@@ -246,7 +265,7 @@ impl Authorizer {
         if !self.projects.contains_key(project) {
             return deny(format!("project {project} is not a registered project"));
         }
-        let entities = match self.entities_with(principal) {
+        let entities = match self.entities_for(principal, Some(project), partner) {
             Ok(entities) => entities,
             Err(message) => {
                 tracing::warn!(%message, "the principal does not fit the Cedar schema: deny");
@@ -327,16 +346,20 @@ impl Authorizer {
             let context =
                 Context::from_pairs([("now".to_owned(), RestrictedExpression::new_long(now))])
                     .map_err(|e| e.to_string())?;
+            // Not re-checked against the schema per request: this code builds
+            // every request the same way, and a mismatch would only make
+            // policies fail to evaluate, which denies.
             Request::new(
                 user_uid(principal)?,
                 action_uid(action.name())?,
                 uid("Partner", partner)?,
                 context,
-                Some(&self.schema),
+                None,
             )
             .map_err(|e| e.to_string())
         })();
-        let (Ok(request), Ok(entities)) = (request, self.entities_with(principal)) else {
+        let (Ok(request), Ok(entities)) = (request, self.entities_for(principal, None, partner))
+        else {
             return false;
         };
         matches!(
@@ -361,12 +384,13 @@ impl Authorizer {
             ("now".to_owned(), RestrictedExpression::new_long(now)),
         ])
         .map_err(|e| e.to_string())?;
+        // See `allows` on why requests are not re-checked against the schema.
         Request::new(
             user_uid(principal)?,
             action_uid(action.name())?,
             uid("Partner", partner)?,
             context,
-            Some(&self.schema),
+            None,
         )
         .map_err(|e| e.to_string())
     }
@@ -404,20 +428,35 @@ impl Authorizer {
             .reduce(|a, b| a.intersect(&b))
     }
 
-    fn entities_with(&self, principal: &Principal) -> Result<Entities, String> {
-        let mut entities = self.entities.clone();
-        entities.push(user_entity(principal)?);
+    /// The entities one decision can reach: the caller, the project, the
+    /// partner with its dataset and institution, and the actions.
+    fn entities_for(
+        &self,
+        principal: &Principal,
+        project: Option<&str>,
+        partner: &str,
+    ) -> Result<Entities, String> {
+        let mut entities: BTreeMap<String, Entity> = BTreeMap::new();
+        let mut add = |entity: Entity| {
+            entities.entry(entity.uid().to_string()).or_insert(entity);
+        };
+        add(user_entity(principal)?);
         if let Some(institution) = &principal.institution {
-            entities.push(Entity::new_no_attrs(
+            add(Entity::new_no_attrs(
                 uid("Institution", institution)?,
                 HashSet::new(),
             ));
         }
-        let mut unique: BTreeMap<String, Entity> = BTreeMap::new();
-        for entity in entities {
-            unique.entry(entity.uid().to_string()).or_insert(entity);
+        if let Some(entity) = project.and_then(|p| self.project_entities.get(p)) {
+            add(entity.clone());
         }
-        Entities::from_entities(unique.into_values(), Some(&self.schema)).map_err(|e| e.to_string())
+        for entity in self.partner_entities.get(partner).into_iter().flatten() {
+            add(entity.clone());
+        }
+        self.actions
+            .clone()
+            .add_entities(entities.into_values(), None)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -477,16 +516,15 @@ fn user_entity(principal: &Principal) -> Result<Entity, String> {
     Entity::new(user_uid(principal)?, attrs, parents).map_err(|e| e.to_string())
 }
 
-fn static_entities(config: &PolicyConfig) -> Result<Vec<Entity>, String> {
-    let mut entities = Vec::new();
-    let mut institutions = HashSet::new();
+type StaticEntities = (HashMap<String, Vec<Entity>>, HashMap<String, Entity>);
+
+fn static_entities(config: &PolicyConfig) -> Result<StaticEntities, String> {
+    let mut partners = HashMap::new();
     for (facts, _) in &config.partners {
         let institution = uid("Institution", &facts.institution)?;
-        if institutions.insert(institution.clone()) {
-            entities.push(Entity::new_no_attrs(institution.clone(), HashSet::new()));
-        }
         let dataset = uid("Dataset", &facts.id)?;
-        entities.push(
+        let entities = vec![
+            Entity::new_no_attrs(institution.clone(), HashSet::new()),
             Entity::new(
                 dataset.clone(),
                 HashMap::from([
@@ -499,8 +537,6 @@ fn static_entities(config: &PolicyConfig) -> Result<Vec<Entity>, String> {
                 HashSet::new(),
             )
             .map_err(|e| e.to_string())?,
-        );
-        entities.push(
             Entity::new(
                 uid("Partner", &facts.id)?,
                 HashMap::from([
@@ -516,29 +552,30 @@ fn static_entities(config: &PolicyConfig) -> Result<Vec<Entity>, String> {
                 HashSet::new(),
             )
             .map_err(|e| e.to_string())?,
-        );
+        ];
+        partners.insert(facts.id.clone(), entities);
     }
+    let mut projects = HashMap::new();
     for project in &config.projects {
-        entities.push(
-            Entity::new(
-                uid("Project", &project.id)?,
-                HashMap::from([
-                    ("purposes".to_owned(), strings(&project.purposes)),
-                    (
-                        "commercial".to_owned(),
-                        RestrictedExpression::new_bool(project.commercial),
-                    ),
-                    (
-                        "ethicsApproved".to_owned(),
-                        RestrictedExpression::new_bool(project.ethics_approved),
-                    ),
-                ]),
-                HashSet::new(),
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let entity = Entity::new(
+            uid("Project", &project.id)?,
+            HashMap::from([
+                ("purposes".to_owned(), strings(&project.purposes)),
+                (
+                    "commercial".to_owned(),
+                    RestrictedExpression::new_bool(project.commercial),
+                ),
+                (
+                    "ethicsApproved".to_owned(),
+                    RestrictedExpression::new_bool(project.ethics_approved),
+                ),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        projects.insert(project.id.clone(), entity);
     }
-    Ok(entities)
+    Ok((partners, projects))
 }
 
 /// Parses and strictly validates one owner's policy files into one set.
