@@ -13,6 +13,7 @@
     reason = "tests fail loudly"
 )]
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -58,6 +59,27 @@ fn with(mut claims: Value, changes: Value) -> Value {
     claims
 }
 
+/// Everything the process logs, at debug level and below.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
 struct Sent {
     status: u16,
     code: Option<String>,
@@ -89,6 +111,14 @@ async fn send(gateway: &Gateway, authorization: &str) -> Sent {
 
 #[tokio::test]
 async fn only_a_valid_token_gets_in_and_refused_ones_never_reach_a_partner() {
+    let logs = Logs::default();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "debug,meshgate_gateway=trace",
+        ))
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .init();
     let orthanc = Orthanc::start("auth").await;
     let proxy = TcpProxy::start(
         format!("127.0.0.1:{}", orthanc.port).parse().unwrap(),
