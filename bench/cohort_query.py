@@ -125,10 +125,27 @@ def main():
                 n = load(port, data / "dicom")
                 print(f"loaded {n} instances into {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
+        # A development issuer for the researcher's token, and policies that
+        # release identified records, so both sides return the same studies.
+        issuer = subprocess.Popen([binary, "dev-issuer", "--claims",
+                                   json.dumps({"sub": "bench", "roles": ["researcher"], "projects": ["bench"]})],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(issuer)
+        issued = dict(issuer.stdout.readline().strip().split(" ", 1) for _ in range(3))
+        token = issued["token"]
+        (work / "allow.cedar").write_text(
+            'permit (principal, action in Meshgate::Action::"QueryStudies", resource)\n'
+            'when { principal.projects.contains(context.project) };\n')
+        (work / "pseudonym.key").write_text("bench pseudonymisation key, 32 bytes or more")
         config = work / "meshgate.toml"
-        text = 'listen = "127.0.0.1:0"\n'
+        text = ('listen = "127.0.0.1:0"\n\n[auth]\n[[auth.issuers]]\n'
+                f'issuer = "{issued["issuer"]}"\naudiences = ["meshgate"]\njwks_url = "{issued["jwks_url"]}"\n\n'
+                '[policies]\nconsortium = ["allow.cedar"]\n\n'
+                f'[deidentification]\nkey = "${{file:{work / "pseudonym.key"}}}"\n\n'
+                '[[projects]]\nid = "bench"\ntitle = "Benchmark"\npurposes = ["DUO:0000042"]\n')
         for name, _ in PARTNERS:
             text += (f'\n[[partners]]\nid = "{name}"\nname = "{name}"\ndeadline_ms = 30000\nutc_offset = "+01:00"\n'
+                     f'institution = "{name}"\ndata_use = {{ permission = "DUO:0000042" }}\npolicies = ["allow.cedar"]\n'
                      f'[partners.connector]\nkind = "dicomweb"\nprofile = "orthanc"\n'
                      f'url = "http://127.0.0.1:{ports[name]}/dicom-web/"\n')
         config.write_text(text)
@@ -141,7 +158,8 @@ def main():
 
         def gql(query):
             req = urllib.request.Request(endpoint, data=json.dumps({"query": query, "variables": {"f": FILTER}}).encode(),
-                                         headers={"content-type": "application/json"})
+                                         headers={"content-type": "application/json",
+                                                  "authorization": f"Bearer {token}"})
             with urllib.request.urlopen(req) as r:
                 body = json.load(r)
             if "errors" in body:
@@ -149,10 +167,10 @@ def main():
             return body["data"]
 
         def meshgate_count():
-            return gql("query($f: StudyFilter){ cohortCount(filter: $f) { total complete } }")["cohortCount"]["total"]
+            return gql("query($f: StudyFilter){ cohortCount(project: \"bench\", filter: $f) { total complete } }")["cohortCount"]["total"]
 
         def meshgate_page():
-            data = gql("query($f: StudyFilter){ imagingStudies(filter: $f, first: 20) "
+            data = gql("query($f: StudyFilter){ imagingStudies(project: \"bench\", filter: $f, first: 20) "
                        "{ nodes { studyInstanceUid fhir } totalCount } }")["imagingStudies"]
             return data["totalCount"], len(data["nodes"])
 

@@ -55,6 +55,16 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run a DEVELOPMENT token issuer on loopback and print one token:
+    /// lines `issuer URL`, `jwks_url URL`, `token JWT`. For local testing
+    /// and benchmarks only; stops on Ctrl-C or SIGTERM.
+    DevIssuer {
+        /// Claims to add to iss, aud (`meshgate`), iat, nbf and exp, as JSON.
+        #[arg(long, default_value = "{}")]
+        claims: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -143,6 +153,10 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Test { config, cases },
         } => policy_test(&config, &cases),
+        Command::DevIssuer {
+            claims,
+            ttl_seconds,
+        } => block_on(dev_issuer(claims, ttl_seconds)),
         Command::Serve { config } => {
             let loaded = match Config::load(&config, &ProcessEnvironment) {
                 Ok(loaded) => loaded,
@@ -229,6 +243,21 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
             ExitCode::FAILURE
         }
     }
+}
+
+async fn dev_issuer(claims: String, ttl_seconds: u64) -> anyhow::Result<()> {
+    let claims: serde_json::Value =
+        serde_json::from_str(&claims).context("--claims must be a JSON object")?;
+    anyhow::ensure!(claims.is_object(), "--claims must be a JSON object");
+    let issuer = DevIssuer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    println!("issuer {}", issuer.issuer());
+    println!("jwks_url {}", issuer.jwks_url());
+    println!(
+        "token {}",
+        issuer.token(&claims, std::time::Duration::from_secs(ttl_seconds))
+    );
+    shutdown_signal().await;
+    Ok(())
 }
 
 async fn run_demo(data: PathBuf, listen: SocketAddr, studies: usize) -> anyhow::Result<()> {
