@@ -13,6 +13,19 @@ fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
+/// `meshgate config check FILE`: exit code and stderr.
+fn config_check(file: &std::path::Path) -> (Option<i32>, String) {
+    let output = meshgate()
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn config_check_names_file_line_and_field_and_exits_with_code_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -22,13 +35,8 @@ fn config_check_names_file_line_and_field_and_exits_with_code_2() {
         "listen = \"127.0.0.1:0\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ndeadlin_ms = 5\nconnector = { kind = \"files\", path = \"/data\" }\n",
     )
     .unwrap();
-    let output = meshgate()
-        .args(["config", "check"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = config_check(&file);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains(&format!("{}:6:1", file.display())),
         "{stderr}"
@@ -124,13 +132,8 @@ fn config_check_reports_a_policy_that_does_not_validate_with_its_file_and_line()
         .unwrap()
         .replace("consortium = []", "consortium = [\"consortium.cedar\"]");
     std::fs::write(&file, text).unwrap();
-    let output = meshgate()
-        .args(["config", "check"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = config_check(&file);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains(&format!("{}:3:", policy.display())),
         "{stderr}"

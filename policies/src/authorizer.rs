@@ -273,7 +273,7 @@ impl Authorizer {
             }
         };
         let evaluate = |action: QueryAction, set: &PolicySet| -> Verdict {
-            match self.query_request(principal, action, project, partner, now) {
+            match request(principal, action.name(), partner, Some(project), now) {
                 Ok(request) => self.evaluate(&request, set, &entities),
                 Err(message) => {
                     tracing::warn!(%message, "request does not fit the Cedar schema: deny");
@@ -342,22 +342,7 @@ impl Authorizer {
         partner: &str,
         now: i64,
     ) -> bool {
-        let request = (|| {
-            let context =
-                Context::from_pairs([("now".to_owned(), RestrictedExpression::new_long(now))])
-                    .map_err(|e| e.to_string())?;
-            // Not re-checked against the schema per request: this code builds
-            // every request the same way, and a mismatch would only make
-            // policies fail to evaluate, which denies.
-            Request::new(
-                user_uid(principal)?,
-                action_uid(action.name())?,
-                uid("Partner", partner)?,
-                context,
-                None,
-            )
-            .map_err(|e| e.to_string())
-        })();
+        let request = request(principal, action.name(), partner, None, now);
         let (Ok(request), Ok(entities)) = (request, self.entities_for(principal, None, partner))
         else {
             return false;
@@ -366,33 +351,6 @@ impl Authorizer {
             self.evaluate(&request, &self.consortium, &entities),
             Verdict::Allow(_)
         )
-    }
-
-    fn query_request(
-        &self,
-        principal: &Principal,
-        action: QueryAction,
-        project: &str,
-        partner: &str,
-        now: i64,
-    ) -> Result<Request, String> {
-        let context = Context::from_pairs([
-            (
-                "project".to_owned(),
-                RestrictedExpression::new_entity_uid(uid("Project", project)?),
-            ),
-            ("now".to_owned(), RestrictedExpression::new_long(now)),
-        ])
-        .map_err(|e| e.to_string())?;
-        // See `allows` on why requests are not re-checked against the schema.
-        Request::new(
-            user_uid(principal)?,
-            action_uid(action.name())?,
-            uid("Partner", partner)?,
-            context,
-            None,
-        )
-        .map_err(|e| e.to_string())
     }
 
     fn evaluate(&self, request: &Request, set: &PolicySet, entities: &Entities) -> Verdict {
@@ -458,6 +416,34 @@ impl Authorizer {
             .add_entities(entities.into_values(), None)
             .map_err(|e| e.to_string())
     }
+}
+
+/// A request for `action` on `partner`, with the project in its context for
+/// query actions. Not re-checked against the schema: this code builds every
+/// request the same way, and a mismatch would only make policies fail to
+/// evaluate, which denies.
+fn request(
+    principal: &Principal,
+    action: &str,
+    partner: &str,
+    project: Option<&str>,
+    now: i64,
+) -> Result<Request, String> {
+    let mut context = vec![("now".to_owned(), RestrictedExpression::new_long(now))];
+    if let Some(project) = project {
+        context.push((
+            "project".to_owned(),
+            RestrictedExpression::new_entity_uid(uid("Project", project)?),
+        ));
+    }
+    Request::new(
+        user_uid(principal)?,
+        action_uid(action)?,
+        uid("Partner", partner)?,
+        Context::from_pairs(context).map_err(|e| e.to_string())?,
+        None,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {

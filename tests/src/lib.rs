@@ -318,6 +318,38 @@ impl TcpProxy {
     }
 }
 
+/// A synthetic partner loaded into its own Orthanc and reached through a
+/// proxy that counts the bytes the gateway sends it.
+#[derive(Debug)]
+pub struct OrthancPartner {
+    pub data: SyntheticPartner,
+    pub orthanc: Orthanc,
+    pub proxy: TcpProxy,
+}
+
+impl OrthancPartner {
+    pub async fn start(id: &str, studies: usize, seed: u64) -> OrthancPartner {
+        let data = SyntheticPartner::new(id, studies, seed);
+        let orthanc = Orthanc::start(id).await;
+        orthanc.load(&data).await;
+        let proxy = TcpProxy::start(
+            format!("127.0.0.1:{}", orthanc.port).parse().unwrap(),
+            Duration::ZERO,
+        )
+        .await;
+        OrthancPartner {
+            data,
+            orthanc,
+            proxy,
+        }
+    }
+
+    /// Its `[[partners]]` table, reaching it through the proxy.
+    pub fn table(&self, deadline_ms: u64, page_size: Option<u32>) -> String {
+        dicomweb_partner(&self.data.id, &self.proxy.url(), deadline_ms, page_size)
+    }
+}
+
 /// Which policies a test gateway runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policies {

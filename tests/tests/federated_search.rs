@@ -11,8 +11,8 @@
 )]
 
 use meshgate_tests::{
-    Cohort, Gateway, GroundTruth, Orthanc, SyntheticPartner, TcpProxy, dicomweb_partner,
-    files_partner, validate_imaging_studies,
+    Cohort, Gateway, GroundTruth, OrthancPartner, SyntheticPartner, files_partner,
+    validate_imaging_studies,
 };
 use serde_json::{Value, json};
 use time::macros::date;
@@ -35,48 +35,41 @@ query Count($filter: StudyFilter) {
 struct Consortium {
     gateway: Gateway,
     truth: GroundTruth,
-    proxies: Vec<TcpProxy>,
-    _orthancs: Vec<Orthanc>,
-    _partners: Vec<SyntheticPartner>,
+    orthancs: Vec<OrthancPartner>,
+    _archive: SyntheticPartner,
+}
+
+impl Consortium {
+    /// Bytes the gateway has sent to each Orthanc partner so far.
+    fn bytes_sent(&self) -> Vec<u64> {
+        self.orthancs.iter().map(|p| p.proxy.bytes_sent()).collect()
+    }
 }
 
 async fn consortium() -> Consortium {
     let mut truth = GroundTruth::default();
     let mut orthancs = Vec::new();
-    let mut partners = Vec::new();
-    let mut proxies = Vec::new();
     let mut config = String::new();
     for (id, studies, seed, page_size) in [
         ("north", 60, 1, Some(25)),
         ("south", 45, 2, None),
         ("east", 50, 3, Some(7)),
     ] {
-        let partner = SyntheticPartner::new(id, studies, seed);
-        let orthanc = Orthanc::start(id).await;
-        orthanc.load(&partner).await;
         // Every DICOMweb partner is reached through a proxy that counts bytes,
         // so tests can prove no partner was called.
-        let proxy = TcpProxy::start(
-            format!("127.0.0.1:{}", orthanc.port).parse().unwrap(),
-            std::time::Duration::ZERO,
-        )
-        .await;
-        config.push_str(&dicomweb_partner(id, &proxy.url(), 10_000, page_size));
-        truth.add(&partner);
-        orthancs.push(orthanc);
-        partners.push(partner);
-        proxies.push(proxy);
+        let partner = OrthancPartner::start(id, studies, seed).await;
+        config.push_str(&partner.table(10_000, page_size));
+        truth.add(&partner.data);
+        orthancs.push(partner);
     }
     let archive = SyntheticPartner::new("west", 40, 4);
     config.push_str(&files_partner("west", &archive.dicom_dir()));
     truth.add(&archive);
-    partners.push(archive);
     Consortium {
         gateway: Gateway::start(&config).await,
         truth,
-        proxies,
-        _orthancs: orthancs,
-        _partners: partners,
+        orthancs,
+        _archive: archive,
     }
 }
 
@@ -294,7 +287,7 @@ async fn every_returned_study_validates_as_fhir_r4_imaging_study(c: &Consortium)
 }
 
 async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c: &Consortium) {
-    let before: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    let before: Vec<u64> = c.bytes_sent();
     let cases = [
         (
             json!({"filter": {"modalities": ["XYZ"]}, "first": 5}),
@@ -348,7 +341,7 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
             "{body}"
         );
     }
-    let after_invalid: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    let after_invalid: Vec<u64> = c.bytes_sent();
     assert_eq!(
         after_invalid, before,
         "an invalid request reached a partner"
@@ -362,11 +355,7 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
         )
         .await;
     let cursor = data["imagingStudies"]["pageInfo"]["endCursor"].clone();
-    let before_other = c
-        .proxies
-        .iter()
-        .map(TcpProxy::bytes_sent)
-        .collect::<Vec<_>>();
+    let before_other = c.bytes_sent();
     let (_, body) = c
         .gateway
         .post(
@@ -378,13 +367,7 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
         body["errors"][0]["extensions"]["code"], "INVALID_CURSOR",
         "{body}"
     );
-    assert_eq!(
-        c.proxies
-            .iter()
-            .map(TcpProxy::bytes_sent)
-            .collect::<Vec<_>>(),
-        before_other
-    );
+    assert_eq!(c.bytes_sent(), before_other);
     // Malformed GraphQL never reaches execution.
     let (status, body) = c
         .gateway
@@ -411,10 +394,7 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
     );
 
     assert_eq!(
-        c.proxies
-            .iter()
-            .map(TcpProxy::bytes_sent)
-            .collect::<Vec<_>>(),
+        c.bytes_sent(),
         before_other,
         "an invalid request reached a partner"
     );

@@ -13,9 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshgate_tests::{
-    Cohort, Gateway, GroundTruth, Orthanc, Policies, SyntheticPartner, TcpProxy, dicomweb_partner,
-};
+use meshgate_tests::{Cohort, Gateway, GroundTruth, OrthancPartner, Policies};
 use serde_json::{Value, json};
 use time::Date;
 
@@ -45,39 +43,30 @@ query Count($project: String!, $filter: StudyFilter) {
 struct Consortium {
     gateway: Gateway,
     truth: GroundTruth,
-    partners: Vec<SyntheticPartner>,
-    /// In front of each Orthanc, counting what the gateway sends.
-    proxies: Vec<TcpProxy>,
-    _orthancs: Vec<Orthanc>,
+    partners: Vec<OrthancPartner>,
+}
+
+impl Consortium {
+    /// Bytes the gateway has sent to each partner so far.
+    fn bytes_sent(&self) -> Vec<u64> {
+        self.partners.iter().map(|p| p.proxy.bytes_sent()).collect()
+    }
 }
 
 async fn consortium() -> Consortium {
     let mut truth = GroundTruth::default();
-    let mut orthancs = Vec::new();
     let mut partners = Vec::new();
     let mut config = String::new();
-    let mut proxies = Vec::new();
     for (id, studies, seed) in [("north", 60, 11), ("south", 45, 12), ("east", 50, 13)] {
-        let partner = SyntheticPartner::new(id, studies, seed);
-        let orthanc = Orthanc::start(id).await;
-        orthanc.load(&partner).await;
-        let proxy = TcpProxy::start(
-            format!("127.0.0.1:{}", orthanc.port).parse().unwrap(),
-            std::time::Duration::ZERO,
-        )
-        .await;
-        config.push_str(&dicomweb_partner(id, &proxy.url(), 10_000, None));
-        proxies.push(proxy);
-        truth.add(&partner);
-        orthancs.push(orthanc);
+        let partner = OrthancPartner::start(id, studies, seed).await;
+        config.push_str(&partner.table(10_000, None));
+        truth.add(&partner.data);
         partners.push(partner);
     }
     Consortium {
         gateway: Gateway::start_with(&config, Policies::Examples).await,
         truth,
         partners,
-        proxies,
-        _orthancs: orthancs,
     }
 }
 
@@ -153,7 +142,7 @@ async fn each_partner_discloses_what_its_policy_allows_and_nothing_identifying_l
     // No identifier from the partners' DICOM files appears anywhere in the bytes.
     let text = String::from_utf8(raw).unwrap();
     let mut checked = 0;
-    for partner in &c.partners {
+    for partner in c.partners.iter().map(|p| &p.data) {
         for value in partner.identifiers() {
             assert!(!text.contains(&value), "{} leaked {value}", partner.id);
             checked += 1;
@@ -389,7 +378,7 @@ async fn a_caller_without_the_project_is_denied_by_every_partner_and_none_is_ask
         &json!({"sub": "outsider", "roles": ["researcher"], "projects": ["lung-cancer"]}),
         std::time::Duration::from_secs(300),
     );
-    let before: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    let before: Vec<u64> = c.bytes_sent();
     let (status_code, body) = c
         .gateway
         .post_as(Some(&outsider), COUNT_QUERY, json!({"project": "demo"}))
@@ -407,7 +396,7 @@ async fn a_caller_without_the_project_is_denied_by_every_partner_and_none_is_ask
         }),
         "{body}"
     );
-    let after: Vec<u64> = c.proxies.iter().map(TcpProxy::bytes_sent).collect();
+    let after: Vec<u64> = c.bytes_sent();
     assert_eq!(before, after, "a denied partner was asked");
     assert_eq!(body["data"]["cohortCount"]["total"], 0);
 }
