@@ -186,9 +186,13 @@ pub struct PartnerConfig {
     /// Counts below this are suppressed (count disclosure control).
     #[serde(default = "default_min_count")]
     pub min_count: u32,
-    /// Disclosed counts are rounded to a multiple of this (1: exact).
+    /// Counts-only counts are rounded to a multiple of this (1: not rounded).
     #[serde(default = "default_round_to")]
     pub round_to: u32,
+    /// Counts-only counts move by up to this much, the same for the same
+    /// studies (cell-key perturbation); 0 disables.
+    #[serde(default = "default_perturbation")]
+    pub perturbation: u32,
     pub connector: ConnectorConfig,
 }
 
@@ -198,6 +202,10 @@ fn default_min_count() -> u32 {
 
 fn default_round_to() -> u32 {
     1
+}
+
+fn default_perturbation() -> u32 {
+    meshgate_policies::disclosure::DEFAULT_PERTURBATION
 }
 
 fn default_deadline_ms() -> u64 {
@@ -213,6 +221,7 @@ impl PartnerConfig {
         CountControl {
             min_count: self.min_count,
             round_to: self.round_to,
+            perturbation: self.perturbation,
         }
     }
 }

@@ -18,7 +18,9 @@ use async_graphql::ID;
 use futures::future::join_all;
 use meshgate_connectors::{Connector, ConnectorError, SearchOutcome};
 use meshgate_policies::deid::ShiftBasis;
-use meshgate_policies::{CountControl, Deidentifier, DisclosedCount, Disclosure, Profile, Total};
+use meshgate_policies::{
+    CellKeys, CountControl, Deidentifier, DisclosedCount, Disclosure, Profile, Total,
+};
 use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
 use meshgate_schema::fhir::MappingOptions;
 use meshgate_schema::{Study, StudyQuery};
@@ -55,17 +57,27 @@ impl Grant {
         }
     }
 
-    /// Identified access (a partner's own staff) is not count-controlled.
+    /// The partner's full count control applies where counts are all it
+    /// discloses; where it releases records, only the threshold (the
+    /// records show their number); its own staff reading identified
+    /// records see exact counts.
     fn control(&self, partner: &Partner) -> CountControl {
         match self.disclosure {
             Disclosure::Identified => CountControl::NONE,
-            _ => partner.control,
+            Disclosure::Deidentified(_) => partner.control.threshold_only(),
+            Disclosure::CountsOnly | Disclosure::Denied { .. } => partner.control,
         }
     }
 }
 
-/// Each asked partner's grant, by partner id. A partner without one is denied.
-pub type Grants = HashMap<String, Grant>;
+/// What the policies decided for one query.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    /// Each asked partner's grant, by partner id. A partner without one is denied.
+    pub partners: HashMap<String, Grant>,
+    /// For perturbing counts.
+    pub cell_keys: CellKeys,
+}
 
 /// Why a partner did not answer.
 #[derive(Debug)]
@@ -80,6 +92,7 @@ enum Failure {
 struct PartnerSearch {
     partner: Arc<Partner>,
     grant: Grant,
+    cell_keys: CellKeys,
     deadline: Instant,
     started: Instant,
     /// Time spent on this partner so far (search, then series for the page).
@@ -93,11 +106,16 @@ impl PartnerSearch {
     /// The count as it may be disclosed, when the partner answered.
     fn disclosed(&self) -> Option<DisclosedCount> {
         let outcome = self.result.as_ref().ok()?;
-        Some(
-            self.grant
-                .control(&self.partner)
-                .disclose(saturating_u32(outcome.studies.len())),
-        )
+        let control = self.grant.control(&self.partner);
+        let cell = if control.perturbation > 0 {
+            self.cell_keys.cell(
+                &self.partner.id,
+                outcome.studies.iter().map(|s| s.uid.as_str()),
+            )
+        } else {
+            Default::default()
+        };
+        Some(control.disclose(saturating_u32(outcome.studies.len()), cell))
     }
 
     /// Whether this partner's records go into the merged result.
@@ -200,6 +218,7 @@ impl Federation {
         join_all(self.asked(query).into_iter().map(|partner| async move {
             let deadline = started + partner.deadline;
             let grant = grants
+                .partners
                 .get(&partner.id)
                 .cloned()
                 .unwrap_or_else(|| Grant::denied("no policy decision was made"));
@@ -218,6 +237,7 @@ impl Federation {
             PartnerSearch {
                 partner,
                 grant,
+                cell_keys: grants.cell_keys.clone(),
                 deadline,
                 started,
                 elapsed: started.elapsed(),
@@ -374,7 +394,7 @@ fn status(search: &PartnerSearch) -> PartnerStatus {
         count: disclosed.and_then(DisclosedCount::value),
         count_disclosure: disclosed.map(|count| match count {
             DisclosedCount::Exact(_) => CountDisclosure::Exact,
-            DisclosedCount::Rounded(_) => CountDisclosure::Rounded,
+            DisclosedCount::Approximate(_) => CountDisclosure::Approximate,
             DisclosedCount::Suppressed => CountDisclosure::Suppressed,
         }),
         reasons: Vec::new(),

@@ -161,7 +161,7 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or_default();
-    services
+    let partners = services
         .federation
         .asked(query)
         .iter()
@@ -185,7 +185,11 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
                 },
             )
         })
-        .collect()
+        .collect();
+    Grants {
+        partners,
+        cell_keys: services.pseudonym_key.cell_keys(),
+    }
 }
 
 fn node(found: &FoundStudy) -> Result<ImagingStudyNode, ApiError> {
@@ -331,6 +335,7 @@ impl QueryRoot {
         Ok(CohortCount {
             total: total.value,
             total_is_lower_bound: total.lower_bound,
+            total_is_approximate: total.approximate,
             complete,
             partners,
         })

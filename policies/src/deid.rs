@@ -179,6 +179,11 @@ impl MasterKey {
         Ok(MasterKey(material.to_vec()))
     }
 
+    /// The keys of studies for count perturbation (the same in every project).
+    pub fn cell_keys(&self) -> crate::disclosure::CellKeys {
+        crate::disclosure::CellKeys::new(hmac(&self.0, &[b"meshgate cell keys v1"]))
+    }
+
     /// The key for one project's pseudonyms.
     pub fn project_key(&self, project: &str) -> ProjectKey {
         ProjectKey(hmac(
@@ -364,7 +369,7 @@ impl Deidentifier {
 }
 
 /// HMAC-SHA256 over length-prefixed parts (so no two inputs collide).
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // HMAC accepts keys of any length: `new_from_slice` cannot fail.
     let mut mac = match HmacSha256::new_from_slice(key) {
         Ok(mac) => mac,

@@ -7,8 +7,8 @@
 //!   profile) or IDENTIFIED;
 //! - [`deid::Deidentifier`]: the DICOM PS3.15 Basic Profile and its options,
 //!   with keyed pseudonyms per project;
-//! - [`disclosure::CountControl`]: small counts are suppressed, others
-//!   optionally rounded;
+//! - [`disclosure::CountControl`]: small counts are suppressed, counts-only
+//!   counts perturbed by cell key and optionally rounded;
 //! - [`cases`]: policy test cases as data (`meshgate policy test`).
 
 pub mod authorizer;
@@ -21,4 +21,4 @@ pub use authorizer::{
     ProjectFacts,
 };
 pub use deid::{Deidentifier, MasterKey, Profile};
-pub use disclosure::{CountControl, DisclosedCount, Total};
+pub use disclosure::{CellKeys, CountControl, DisclosedCount, Total};

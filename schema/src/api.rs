@@ -120,8 +120,9 @@ pub enum DisclosureLevel {
 pub enum CountDisclosure {
     /// The true count.
     Exact,
-    /// Rounded to the partner's rounding base.
-    Rounded,
+    /// Perturbed (cell-key method) and/or rounded: close to the true count,
+    /// and the same whenever the same studies are counted.
+    Approximate,
     /// Below the partner's threshold: not disclosed (neither the number nor
     /// whether it is zero).
     Suppressed,
@@ -220,9 +221,10 @@ pub struct ImagingStudyConnection {
 pub struct CohortCount {
     /// The sum of the disclosed per-partner counts.
     pub total: u32,
-    /// True when some partner's count was suppressed or rounded: the true
-    /// total may be larger.
+    /// True when some partner's count was suppressed: the true total may be larger.
     pub total_is_lower_bound: bool,
+    /// True when some partner's count was perturbed or rounded.
+    pub total_is_approximate: bool,
     /// True when every partner asked answered completely.
     pub complete: bool,
     pub partners: Vec<PartnerStatus>,
