@@ -274,7 +274,7 @@ pub enum AuthConfig {
 }
 
 /// A credential reference (`${env:NAME}` or `${file:PATH}`), resolved by
-/// [`Config::resolve_secret`]. The referenced value is never stored here.
+/// `resolve_secret`. The referenced value is never stored here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(transparent)]
 pub struct SecretRef(String);

@@ -2,17 +2,23 @@
 //! imaging stores.
 //!
 //! A query's path through this crate, and where to start reading:
-//! 1. [`app`]: `POST /graphql` is parsed and executed; the audit record is
-//!    written before the response leaves (and its failure fails the request);
+//! 1. [`app`]: `POST /graphql` — the bearer token is verified by [`auth`]
+//!    (no valid token: 401 and nothing else), the request is parsed and
+//!    executed, and the audit record is written before the response leaves
+//!    (its failure fails the request);
 //! 2. [`graphql`]: resolvers turn the GraphQL filter into one
-//!    [`meshgate_schema::StudyQuery`] and give every error its stable code;
-//! 3. [`federation`]: every partner's connector is asked at once, each under
-//!    its deadline; answers are merged newest first and paged by [`cursor`];
-//! 4. [`request`]: who is asking and what was accessed — the seams for
-//!    authentication, policy and the durable audit log.
+//!    [`meshgate_schema::StudyQuery`], ask the policies
+//!    ([`meshgate_policies::Authorizer`]) what each partner may disclose for
+//!    the project, and give every error its stable code;
+//! 3. [`federation`](mod@federation): every permitted partner's connector is asked at once,
+//!    each under its deadline; count disclosure control and
+//!    de-identification are applied per partner; answers are merged newest
+//!    first and paged by [`cursor`];
+//! 4. [`request`]: who is asking and what was accessed, for the audit record.
 //!
 //! [`config`] reads the TOML configuration, [`synth`] writes synthetic
-//! partners, [`demo`] runs a three-partner gateway on local data.
+//! partners, [`demo`] runs a three-partner gateway on local data with a
+//! [`dev_issuer`] for tokens.
 
 pub mod app;
 pub mod auth;
