@@ -43,7 +43,8 @@ pub struct Partner {
 #[derive(Debug, Clone)]
 pub struct Grant {
     pub disclosure: Disclosure,
-    /// Present exactly when the disclosure is DEIDENTIFIED.
+    /// Present unless the disclosure is IDENTIFIED or DENIED: what leaves
+    /// the partner is pseudonymous (records only when DEIDENTIFIED).
     pub deidentifier: Option<Deidentifier>,
 }
 
@@ -225,8 +226,34 @@ impl Federation {
             let result = if let Disclosure::Denied { reasons } = &grant.disclosure {
                 Err(Failure::Denied(reasons.clone()))
             } else {
-                match timeout_at(deadline, partner.connector.search(query)).await {
-                    Ok(Ok(outcome)) => Ok(outcome),
+                // Where only pseudonyms leave the partner, the UIDs a caller
+                // names are pseudonyms: the partner is searched without them
+                // and its studies kept by pseudonym, so an original UID
+                // matches nothing and proves nothing.
+                let pseudonymous = grant
+                    .deidentifier
+                    .as_ref()
+                    .filter(|_| !query.study_uids.is_empty());
+                let unnamed;
+                let asked = match pseudonymous {
+                    Some(_) => {
+                        unnamed = StudyQuery {
+                            study_uids: Default::default(),
+                            ..query.clone()
+                        };
+                        &unnamed
+                    }
+                    None => query,
+                };
+                match timeout_at(deadline, partner.connector.search(asked)).await {
+                    Ok(Ok(mut outcome)) => {
+                        if let Some(deid) = pseudonymous {
+                            outcome
+                                .studies
+                                .retain(|study| query.study_uids.contains(&deid.uid(&study.uid)));
+                        }
+                        Ok(outcome)
+                    }
                     Ok(Err(error)) => Err(Failure::Connector(error)),
                     Err(_) => Err(Failure::Timeout),
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
-use meshgate_policies::{Authorizer, Deidentifier, Disclosure, MasterKey};
+use meshgate_policies::{Authorizer, Deidentifier, Disclosure, MasterKey, Profile};
 use meshgate_schema::api::{
     CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
     PatientSummary, StudyFilter,
@@ -169,14 +169,18 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
             let disclosure = services
                 .authorizer
                 .decide(principal, project, &partner.id, now);
-            let deidentifier = match &disclosure {
-                Disclosure::Deidentified(profile) => Some(Deidentifier::new(
-                    services.pseudonym_key.project_key(project),
-                    profile.clone(),
-                    &partner.id,
-                )),
-                _ => None,
+            let profile = match &disclosure {
+                Disclosure::Deidentified(profile) => Some(profile.clone()),
+                Disclosure::CountsOnly => Some(Profile::basic()),
+                Disclosure::Identified | Disclosure::Denied { .. } => None,
             };
+            let deidentifier = profile.map(|profile| {
+                Deidentifier::new(
+                    services.pseudonym_key.project_key(project),
+                    profile,
+                    &partner.id,
+                )
+            });
             (
                 partner.id.clone(),
                 Grant {

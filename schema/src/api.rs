@@ -67,6 +67,9 @@ pub struct StudyFilter {
     pub patient_sex: Option<PatientSex>,
     /// Patient's age in whole years at the time of the study.
     pub patient_age: Option<AgeRangeInput>,
+    /// Study Instance UIDs as results show them: at a partner that
+    /// de-identifies (or only counts) for the project, its pseudonyms —
+    /// original UIDs match nothing there.
     pub study_instance_uids: Option<Vec<String>>,
     /// Ask only these partners (by id).
     pub partners: Option<Vec<ID>>,

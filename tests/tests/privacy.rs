@@ -222,6 +222,41 @@ async fn pseudonyms_are_stable_within_a_project_unlinkable_across_projects_and_k
         a.is_disjoint(&b),
         "pseudonyms must not link across projects"
     );
+    // Studies are found again by their pseudonymous UIDs (12: at least the
+    // partner's threshold, below which it releases nothing), never by their
+    // original ones.
+    let wanted: Vec<String> = uids(&first).into_iter().take(12).collect();
+    let (found, statuses, _) = all_pages(
+        &c.gateway,
+        "lung-cancer",
+        json!({"partners": ["north"], "studyInstanceUids": wanted}),
+    )
+    .await;
+    let mut found = uids(&found);
+    found.sort();
+    let mut expected = wanted.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+    let original: Vec<String> = c
+        .truth
+        .rows()
+        .filter(|(partner, _)| partner == "north")
+        .take(12)
+        .map(|(_, row)| row.study_uid.clone())
+        .collect();
+    let (found, statuses_by_original, _) = all_pages(
+        &c.gateway,
+        "lung-cancer",
+        json!({"partners": ["north"], "studyInstanceUids": original}),
+    )
+    .await;
+    assert!(found.is_empty(), "original UIDs must not match");
+    assert_eq!(
+        status(&statuses_by_original, "north")["countDisclosure"],
+        "SUPPRESSED"
+    );
+    drop(statuses);
+
     let patients = |nodes: &[Value]| -> BTreeSet<String> {
         nodes
             .iter()
