@@ -9,7 +9,9 @@
 //! - [`Connector`] and [`ConnectorError`] below: the contract with the gateway;
 //! - [`dicomweb`]: a QIDO-RS client with per-backend profiles (Orthanc, generic);
 //! - [`files`]: a folder of DICOM Part-10 files, indexed by header and kept
-//!   fresh when files change.
+//!   fresh when files change;
+//! - [`token`]: OAuth2 access tokens from cloud credential sources, refreshed
+//!   before they expire.
 
 use std::fmt;
 
@@ -19,6 +21,7 @@ use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
 pub mod dicomweb;
 pub mod files;
 mod secret;
+pub mod token;
 
 pub use secret::Secret;
 

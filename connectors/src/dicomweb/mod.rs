@@ -9,6 +9,7 @@
 mod profile;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ use meshgate_schema::{
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
+use crate::token::TokenProvider;
 use crate::{Connector, ConnectorError, SearchOutcome, Secret};
 pub use profile::Profile;
 pub use reqwest::Url;
@@ -39,6 +41,9 @@ pub enum Auth {
     Bearer {
         token: Secret,
     },
+    /// OAuth2 access tokens, refreshed before expiry and once more when the
+    /// service answers 401.
+    Tokens(Arc<TokenProvider>),
 }
 
 /// Everything a DICOMweb connector needs to know about its partner.
@@ -189,38 +194,26 @@ impl DicomWebConnector {
         params: &[(String, String)],
     ) -> Result<Vec<DicomJson>, ConnectorError> {
         let url = self.url(path, params)?;
-        let request = || {
-            let request = self
-                .client
-                .get(url.clone())
-                .header(reqwest::header::ACCEPT, "application/dicom+json");
-            match &self.settings.auth {
-                Auth::None => request,
-                Auth::Basic { username, password } => {
-                    request.basic_auth(username, Some(password.expose()))
-                }
-                Auth::Bearer { token } => request.bearer_auth(token.expose()),
-            }
+        let mut token = match &self.settings.auth {
+            Auth::Tokens(provider) => Some(provider.token().await?),
+            _ => None,
         };
-        // A pooled keep-alive connection can be closed by the server just as
-        // it is reused, and several pooled connections can go stale together.
-        // The idle timeout keeps that rare (see `Profile::idle_timeout`); what
-        // remains gets up to `TRANSPORT_ATTEMPTS` tries of this idempotent GET.
-        // Timeouts are not retried: the deadline is the caller's.
-        let mut attempt = 1;
+        let mut renewed = false;
         let (status, body) = loop {
-            match fetch(request()).await {
-                Ok(answer) => break answer,
-                Err(error) if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS => {
-                    tracing::debug!(
-                        kind = transport_kind(&error),
-                        attempt,
-                        "retrying a QIDO-RS request"
-                    );
-                    attempt += 1;
-                }
-                Err(error) => return Err(transport_error(error)),
+            let answer = self.send(&url, token.as_ref()).await?;
+            // A token the service no longer accepts (revoked, or expired
+            // early): fetch a new one and try once more.
+            if answer.0 == StatusCode::UNAUTHORIZED
+                && !renewed
+                && let (Auth::Tokens(provider), Some(rejected)) = (&self.settings.auth, &token)
+            {
+                provider.invalidate(rejected).await;
+                token = Some(provider.token().await?);
+                renewed = true;
+                tracing::debug!("access token refused; retrying once with a new one");
+                continue;
             }
+            break answer;
         };
         match status {
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
@@ -496,6 +489,52 @@ fn include_fields(fields: &[Tag]) -> String {
         .map(|tag| tag.json_key())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+impl DicomWebConnector {
+    /// Sends one GET with the connector's credentials (`token` for
+    /// [`Auth::Tokens`]). A pooled keep-alive connection can be closed by
+    /// the server just as it is reused, and several pooled connections can
+    /// go stale together. The idle timeout keeps that rare (see
+    /// `Profile::idle_timeout`); what remains gets up to
+    /// `TRANSPORT_ATTEMPTS` tries of this idempotent GET. Timeouts are not
+    /// retried: the deadline is the caller's.
+    async fn send(
+        &self,
+        url: &Url,
+        token: Option<&Secret>,
+    ) -> Result<(StatusCode, bytes::Bytes), ConnectorError> {
+        let request = || {
+            let request = self
+                .client
+                .get(url.clone())
+                .header(reqwest::header::ACCEPT, "application/dicom+json");
+            match (&self.settings.auth, token) {
+                (Auth::Basic { username, password }, _) => {
+                    request.basic_auth(username, Some(password.expose()))
+                }
+                (Auth::Bearer { token }, _) | (Auth::Tokens(_), Some(token)) => {
+                    request.bearer_auth(token.expose())
+                }
+                _ => request,
+            }
+        };
+        let mut attempt = 1;
+        loop {
+            match fetch(request()).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS => {
+                    tracing::debug!(
+                        kind = transport_kind(&error),
+                        attempt,
+                        "retrying a QIDO-RS request"
+                    );
+                    attempt += 1;
+                }
+                Err(error) => return Err(transport_error(error)),
+            }
+        }
+    }
 }
 
 /// How often one QIDO-RS request is tried when the transport fails.
