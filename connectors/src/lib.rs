@@ -70,6 +70,9 @@ pub enum ConnectorError {
     /// The partner's store refused meshgate's credentials.
     #[error("the partner's store refused meshgate's credentials (HTTP {0})")]
     Unauthorized(u16),
+    /// The partner's store kept throttling requests (HTTP 429).
+    #[error("the partner's store is throttling requests (HTTP 429); try again later")]
+    Throttled,
     /// The partner's store answered with an error status.
     #[error("the partner's store answered HTTP {0}")]
     UpstreamStatus(u16),
@@ -90,6 +93,7 @@ impl ConnectorError {
         match self {
             ConnectorError::Unreachable(_) => "PARTNER_UNREACHABLE",
             ConnectorError::Unauthorized(_) => "PARTNER_AUTH_FAILED",
+            ConnectorError::Throttled => "PARTNER_THROTTLED",
             ConnectorError::UpstreamStatus(_) => "PARTNER_HTTP_ERROR",
             ConnectorError::BadResponse => "PARTNER_BAD_RESPONSE",
             ConnectorError::Storage(_) => "PARTNER_STORAGE_ERROR",
@@ -107,8 +111,8 @@ impl ConnectorError {
     /// Whether trying again later might succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            ConnectorError::Unreachable(_) => true,
-            ConnectorError::UpstreamStatus(status) => *status == 429 || *status >= 500,
+            ConnectorError::Unreachable(_) | ConnectorError::Throttled => true,
+            ConnectorError::UpstreamStatus(status) => *status >= 500,
             _ => false,
         }
     }

@@ -326,12 +326,15 @@ pub struct ClientCredentials {
     pub scope: String,
 }
 
-/// The scope of Azure DICOM service tokens.
+/// The resource of Azure DICOM service tokens (for IMDS).
+pub const AZURE_DICOM_RESOURCE: &str = "https://dicom.healthcareapis.azure.com";
+/// The scope of Azure DICOM service tokens (for Entra ID).
 pub const AZURE_DICOM_SCOPE: &str = "https://dicom.healthcareapis.azure.com/.default";
 
 impl ClientCredentials {
-    /// Entra ID's token endpoint for a tenant.
-    pub fn entra_token_url(tenant: &str) -> Result<reqwest::Url, ConnectorError> {
+    /// The Entra ID token endpoint of `tenant` at `authority`
+    /// (`https://login.microsoftonline.com` in the public cloud).
+    pub fn token_url(authority: &str, tenant: &str) -> Result<reqwest::Url, ConnectorError> {
         let valid = !tenant.is_empty()
             && tenant
                 .chars()
@@ -342,9 +345,10 @@ impl ClientCredentials {
             ));
         }
         reqwest::Url::parse(&format!(
-            "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+            "{}/{tenant}/oauth2/v2.0/token",
+            authority.trim_end_matches('/')
         ))
-        .map_err(|_| ConnectorError::Config("the tenant is not a tenant id or domain".into()))
+        .map_err(|_| ConnectorError::Config("the authority is not a URL".into()))
     }
 }
 

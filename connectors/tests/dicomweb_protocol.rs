@@ -184,7 +184,21 @@ async fn a_backend_that_ignores_offset_is_reported_as_truncated_instead_of_loopi
         search(&connector(&url, Auth::None, None)).await.unwrap(),
         (10, true)
     );
-    assert_eq!(stand_in.requests.lock().unwrap().len(), 2);
+    // The first page, one repeat (which a backend that repeats rows across
+    // pages can end on), and a second repeat that settles it.
+    assert_eq!(stand_in.requests.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_last_page_of_only_repeated_rows_ends_the_search_without_truncation() {
+    // Five rows on a first page of ten: the next page is the repeat of the
+    // fifth row alone, and the one after that is empty.
+    let (url, stand_in) = serve(5, Quirk::RepeatRows).await;
+    assert_eq!(
+        search(&connector(&url, Auth::None, None)).await.unwrap(),
+        (5, false)
+    );
+    assert_eq!(stand_in.requests.lock().unwrap().len(), 3);
 }
 
 #[tokio::test]

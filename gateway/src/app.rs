@@ -14,8 +14,13 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings};
+use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings, Profile};
 use meshgate_connectors::files::FilesConnector;
+use meshgate_connectors::token::{
+    AZURE_DICOM_RESOURCE, AZURE_DICOM_SCOPE, AZURE_IMDS_TOKEN_URL, ClientCredentials, ClientProof,
+    GOOGLE_HEALTHCARE_SCOPE, GOOGLE_METADATA_TOKEN_URL, GoogleServiceAccount, MetadataServer,
+    TokenProvider, TokenSource,
+};
 use meshgate_connectors::{Connector, ConnectorError};
 use meshgate_schema::fhir::MappingOptions;
 use rand::Rng;
@@ -25,7 +30,9 @@ use tokio::net::TcpListener;
 use meshgate_policies::{Authorizer, PolicyError};
 
 use crate::auth::{AuthError, Authenticator};
-use crate::config::{AuthConfig, ConnectorConfig, LoadedConfig, parse_utc_offset};
+use crate::config::{
+    AuthConfig, AzureCredentials, ConnectorConfig, GcpCredentials, LoadedConfig, parse_utc_offset,
+};
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
 use crate::request::{AuditSink, LogAuditSink, RequestContext};
@@ -97,6 +104,121 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                 .await
                 .map_err(failed)?,
             ),
+            ConnectorConfig::Gcp {
+                project,
+                location,
+                dataset,
+                dicom_store,
+                credentials,
+                endpoint,
+                page_size,
+            } => {
+                let root = endpoint
+                    .as_deref()
+                    .unwrap_or("https://healthcare.googleapis.com/v1")
+                    .trim_end_matches('/');
+                let base = format!(
+                    "{root}/projects/{project}/locations/{location}/datasets/{dataset}/dicomStores/{dicom_store}/dicomWeb/"
+                );
+                let source: Box<dyn TokenSource> = match credentials {
+                    GcpCredentials::ServiceAccount { .. } => {
+                        let key = loaded.secrets.for_partner(index).ok_or_else(|| {
+                            failed(ConnectorError::Config("credential missing".into()))
+                        })?;
+                        Box::new(
+                            GoogleServiceAccount::from_key_file(key, GOOGLE_HEALTHCARE_SCOPE)
+                                .map_err(failed)?,
+                        )
+                    }
+                    GcpCredentials::MetadataServer { url } => Box::new(
+                        MetadataServer::google(url.as_deref().unwrap_or(GOOGLE_METADATA_TOKEN_URL))
+                            .map_err(failed)?,
+                    ),
+                };
+                cloud_dicomweb(&base, Profile::Gcp, source, *page_size).map_err(failed)?
+            }
+            ConnectorConfig::Azure {
+                workspace,
+                service,
+                partition,
+                credentials,
+                endpoint,
+                page_size,
+            } => {
+                let root = endpoint.clone().unwrap_or_else(|| {
+                    format!("https://{workspace}-{service}.dicom.azurehealthcareapis.com")
+                });
+                let mut base = format!("{}/v2/", root.trim_end_matches('/'));
+                if let Some(partition) = partition {
+                    base.push_str(&format!("partitions/{partition}/"));
+                }
+                let authority_url = |authority: &Option<String>, tenant: &str| {
+                    let authority = authority
+                        .clone()
+                        .or_else(|| std::env::var("AZURE_AUTHORITY_HOST").ok())
+                        .unwrap_or_else(|| "https://login.microsoftonline.com".to_owned());
+                    ClientCredentials::token_url(&authority, tenant)
+                };
+                let source: Box<dyn TokenSource> = match credentials {
+                    AzureCredentials::ClientSecret {
+                        tenant,
+                        client_id,
+                        authority,
+                        ..
+                    } => {
+                        let secret =
+                            loaded.secrets.for_partner(index).cloned().ok_or_else(|| {
+                                failed(ConnectorError::Config("credential missing".into()))
+                            })?;
+                        Box::new(ClientCredentials {
+                            token_url: authority_url(authority, tenant).map_err(failed)?,
+                            client_id: client_id.clone(),
+                            proof: ClientProof::Secret(secret),
+                            scope: AZURE_DICOM_SCOPE.to_owned(),
+                        })
+                    }
+                    AzureCredentials::ManagedIdentity { client_id, url } => Box::new(
+                        MetadataServer::azure(
+                            url.as_deref().unwrap_or(AZURE_IMDS_TOKEN_URL),
+                            AZURE_DICOM_RESOURCE,
+                            client_id.as_deref(),
+                        )
+                        .map_err(failed)?,
+                    ),
+                    AzureCredentials::WorkloadIdentity {
+                        tenant,
+                        client_id,
+                        token_file,
+                        authority,
+                    } => {
+                        let from_env = |name: &str| std::env::var(name).ok();
+                        let missing = |what: &str| {
+                            failed(ConnectorError::Config(format!(
+                                "workload identity needs {what} (in the configuration or the environment)"
+                            )))
+                        };
+                        let tenant = tenant
+                            .clone()
+                            .or_else(|| from_env("AZURE_TENANT_ID"))
+                            .ok_or_else(|| missing("a tenant"))?;
+                        let client_id = client_id
+                            .clone()
+                            .or_else(|| from_env("AZURE_CLIENT_ID"))
+                            .ok_or_else(|| missing("a client id"))?;
+                        let token_file = token_file
+                            .clone()
+                            .or_else(|| from_env("AZURE_FEDERATED_TOKEN_FILE").map(Into::into))
+                            .ok_or_else(|| missing("a federated token file"))?;
+                        Box::new(ClientCredentials {
+                            token_url: authority_url(authority, &tenant).map_err(failed)?,
+                            client_id,
+                            proof: ClientProof::AssertionFile(token_file),
+                            scope: AZURE_DICOM_SCOPE.to_owned(),
+                        })
+                    }
+                };
+                cloud_dicomweb(&base, Profile::Azure, source, *page_size).map_err(failed)?
+            }
             ConnectorConfig::Dicomweb {
                 url,
                 profile,
@@ -144,6 +266,25 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
         });
     }
     Ok(Federation::new(partners))
+}
+
+/// A DICOMweb connector to a cloud service reached with OAuth2 tokens.
+fn cloud_dicomweb(
+    base: &str,
+    profile: Profile,
+    source: Box<dyn TokenSource>,
+    page_size: Option<u32>,
+) -> Result<Arc<dyn Connector>, ConnectorError> {
+    let base_url = meshgate_connectors::dicomweb::Url::parse(base)
+        .map_err(|_| ConnectorError::Config("the service URL is not valid".into()))?;
+    Ok(Arc::new(DicomWebConnector::new(DicomWebSettings {
+        base_url,
+        profile,
+        auth: Auth::Tokens(Arc::new(TokenProvider::new(source)?)),
+        page_size,
+        detail_concurrency: 8,
+        max_results: None,
+    })?))
 }
 
 /// The gateway's routes.

@@ -252,6 +252,84 @@ pub enum ConnectorConfig {
         #[serde(default)]
         auth: AuthConfig,
     },
+    /// A Google Cloud Healthcare API DICOM store.
+    Gcp {
+        project: String,
+        location: String,
+        dataset: String,
+        dicom_store: String,
+        credentials: GcpCredentials,
+        /// The API root; default `https://healthcare.googleapis.com/v1`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        page_size: Option<u32>,
+    },
+    /// An Azure Health Data Services DICOM service (API v2).
+    Azure {
+        workspace: String,
+        service: String,
+        /// The data partition, when the service uses partitions.
+        #[serde(default)]
+        partition: Option<String>,
+        credentials: AzureCredentials,
+        /// The service URL; default
+        /// `https://{workspace}-{service}.dicom.azurehealthcareapis.com`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        page_size: Option<u32>,
+    },
+}
+
+/// Where a Google Cloud partner's access tokens come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GcpCredentials {
+    /// A service account key file, as `${file:PATH}`.
+    ServiceAccount { key: SecretRef },
+    /// The metadata server (a VM's service account, or GKE workload identity).
+    MetadataServer {
+        #[serde(default)]
+        url: Option<String>,
+    },
+}
+
+/// Where an Azure partner's Entra ID tokens come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AzureCredentials {
+    /// An app registration's client secret.
+    ClientSecret {
+        tenant: String,
+        client_id: String,
+        secret: SecretRef,
+        /// Default `https://login.microsoftonline.com`.
+        #[serde(default)]
+        authority: Option<String>,
+    },
+    /// The instance's managed identity, through IMDS.
+    ManagedIdentity {
+        /// For a user-assigned identity.
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        url: Option<String>,
+    },
+    /// Workload identity federation: a platform-issued token in a file,
+    /// exchanged for an Entra ID token. Unset fields come from
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`
+    /// and `AZURE_AUTHORITY_HOST`, as AKS sets them.
+    WorkloadIdentity {
+        #[serde(default)]
+        tenant: Option<String>,
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        token_file: Option<PathBuf>,
+        #[serde(default)]
+        authority: Option<String>,
+    },
 }
 
 fn default_rescan_ms() -> u64 {
@@ -434,6 +512,63 @@ impl Config {
             };
             let secret = match &partner.connector {
                 ConnectorConfig::Files { .. } => None,
+                ConnectorConfig::Gcp {
+                    project,
+                    location,
+                    dataset,
+                    dicom_store,
+                    credentials,
+                    ..
+                } => {
+                    for (name, value) in [
+                        ("project", project),
+                        ("location", location),
+                        ("dataset", dataset),
+                        ("dicom_store", dicom_store),
+                    ] {
+                        if !is_resource_name(value) {
+                            return Err(located(
+                                at(&[name]),
+                                format!("{name} must be letters, digits, '-', '_' or '.'"),
+                            ));
+                        }
+                    }
+                    match credentials {
+                        GcpCredentials::ServiceAccount { key } => Some(
+                            resolve_secret(key, env)
+                                .map_err(|message| located(at(&["credentials", "key"]), message))?,
+                        ),
+                        GcpCredentials::MetadataServer { .. } => None,
+                    }
+                }
+                ConnectorConfig::Azure {
+                    workspace,
+                    service,
+                    partition,
+                    credentials,
+                    ..
+                } => {
+                    for (name, value) in [
+                        ("workspace", Some(workspace)),
+                        ("service", Some(service)),
+                        ("partition", partition.as_ref()),
+                    ] {
+                        if value.is_some_and(|v| !is_resource_name(v)) {
+                            return Err(located(
+                                at(&[name]),
+                                format!("{name} must be letters, digits, '-', '_' or '.'"),
+                            ));
+                        }
+                    }
+                    match credentials {
+                        AzureCredentials::ClientSecret { secret, .. } => {
+                            Some(resolve_secret(secret, env).map_err(|message| {
+                                located(at(&["credentials", "secret"]), message)
+                            })?)
+                        }
+                        _ => None,
+                    }
+                }
                 ConnectorConfig::Dicomweb { url, auth, .. } => {
                     let parsed = meshgate_connectors::dicomweb::Url::parse(url)
                         .ok()
@@ -580,6 +715,18 @@ fn issuers(
             })
         })
         .collect()
+}
+
+/// A cloud resource name: letters, digits, `-`, `_`, `.` (no slashes, so
+/// it cannot change the URL it is put into).
+fn is_resource_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name != "."
+        && name != ".."
 }
 
 /// A GA4GH DUO code: `DUO:` and seven digits.

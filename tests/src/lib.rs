@@ -14,6 +14,8 @@
     reason = "test harness: failing loudly is the point"
 )]
 
+pub mod cloud;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +29,7 @@ use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{DICOM_DIR, ManifestRow, SynthSpec, synthesise};
 use meshgate_gateway::{Config, build_app, run, start};
 use serde_json::{Value, json};
+use time::macros::date;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -712,5 +715,207 @@ pub fn validate_imaging_studies(resources: &[Value]) {
         "FHIR validation failed: {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Cohort cases shared by the search suites.
+
+pub const PAGE_QUERY: &str = r#"
+query Page($filter: StudyFilter, $first: Int!, $after: String) {
+  imagingStudies(project: "ground-truth", filter: $filter, first: $first, after: $after) {
+    nodes { studyInstanceUid partner connectorKind started modalities fhir }
+    pageInfo { hasNextPage endCursor }
+    totalCount
+    partners { partner status count latencyMs code }
+  }
+}"#;
+
+pub const COUNT_QUERY: &str = r#"
+query Count($filter: StudyFilter) {
+  cohortCount(project: "ground-truth", filter: $filter) { total complete partners { partner status count } }
+}"#;
+
+/// Walks every page of a query; returns the (partner, uid) sequence and all FHIR resources.
+pub async fn walk(
+    gateway: &Gateway,
+    filter: &Value,
+    first: i64,
+) -> (Vec<(String, String)>, Vec<Value>) {
+    let mut seen = Vec::new();
+    let mut resources = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let data = gateway
+            .query(
+                PAGE_QUERY,
+                json!({"filter": filter, "first": first, "after": after}),
+            )
+            .await;
+        let page = &data["imagingStudies"];
+        for status in page["partners"].as_array().unwrap() {
+            assert_eq!(status["status"], "OK", "{status}");
+        }
+        let nodes = page["nodes"].as_array().unwrap();
+        assert!(nodes.len() <= first as usize);
+        for node in nodes {
+            seen.push((
+                node["partner"].as_str().unwrap().to_owned(),
+                node["studyInstanceUid"].as_str().unwrap().to_owned(),
+            ));
+            resources.push(node["fhir"].clone());
+        }
+        if !page["pageInfo"]["hasNextPage"].as_bool().unwrap() {
+            return (seen, resources);
+        }
+        after = page["pageInfo"]["endCursor"].clone();
+        assert!(seen.len() < 10_000, "paging does not end");
+    }
+}
+
+/// The cohort cases every search suite runs; `two` names two of its partners.
+pub fn cohorts(truth: &GroundTruth, two: [&'static str; 2]) -> Vec<(&'static str, Cohort)> {
+    let some_uids: Vec<String> = truth
+        .rows()
+        .step_by(9)
+        .map(|(_, row)| row.study_uid.clone())
+        .collect();
+    let mut cases = vec![
+        ("everything", Cohort::default()),
+        (
+            "CT or MR of the chest, 2018 to 2022",
+            Cohort {
+                modalities: vec!["CT", "MR"],
+                body_part: Some("CHEST"),
+                from: Some(date!(2018 - 01 - 01)),
+                to: Some(date!(2022 - 12 - 31)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "women aged 50 to 70",
+            Cohort {
+                sex: Some("F"),
+                min_age: Some(50),
+                max_age: Some(70),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "description contains 'with contrast'",
+            Cohort {
+                description: Some("WITH contrast"),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "studies on the first day of 2015 exactly",
+            Cohort {
+                from: Some(date!(2015 - 01 - 01)),
+                to: Some(date!(2015 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "open-ended date range since 2024",
+            Cohort {
+                from: Some(date!(2024 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "open-ended date range until 2006",
+            Cohort {
+                to: Some(date!(2006 - 12 - 31)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "a body part nobody has",
+            Cohort {
+                body_part: Some("TAIL"),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "named studies",
+            Cohort {
+                study_uids: Some(some_uids),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "only two partners",
+            Cohort {
+                partners: Some(two.to_vec()),
+                modalities: vec!["CR", "DX"],
+                ..Cohort::default()
+            },
+        ),
+        (
+            "men over 80 with NM or PT",
+            Cohort {
+                sex: Some("M"),
+                min_age: Some(80),
+                modalities: vec!["NM", "PT"],
+                ..Cohort::default()
+            },
+        ),
+        (
+            "knee MR since 2010",
+            Cohort {
+                modalities: vec!["MR"],
+                body_part: Some("KNEE"),
+                from: Some(date!(2010 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+        (
+            "empty result: no studies in the future",
+            Cohort {
+                from: Some(date!(2030 - 01 - 01)),
+                ..Cohort::default()
+            },
+        ),
+    ];
+    for modality in ["CT", "MR", "CR", "DX", "US", "PT", "MG", "NM"] {
+        cases.push((
+            "each modality",
+            Cohort {
+                modalities: vec![modality],
+                ..Cohort::default()
+            },
+        ));
+    }
+    cases
+}
+
+/// Every cohort case: the count and the fully paged studies equal the
+/// ground truth, in order, and every partner answered completely.
+pub async fn cohort_counts_and_every_page_equal_the_ground_truth(
+    gateway: &Gateway,
+    truth: &GroundTruth,
+    two: [&'static str; 2],
+) {
+    let cases = cohorts(truth, two);
+    let mut non_empty = 0;
+    for (name, cohort) in &cases {
+        let expected = truth.answer(cohort);
+        non_empty += usize::from(!expected.is_empty());
+        let count = gateway
+            .query(COUNT_QUERY, json!({"filter": cohort.filter()}))
+            .await;
+        assert_eq!(
+            count["cohortCount"]["total"],
+            expected.len(),
+            "count of {name} ({cohort:?}): {count}, expected {expected:?}"
+        );
+        assert_eq!(count["cohortCount"]["complete"], true, "{name}: {count}");
+        let (studies, _) = walk(gateway, &cohort.filter(), 25).await;
+        assert_eq!(studies, expected, "studies of {name} ({cohort:?})");
+    }
+    assert!(
+        non_empty >= 15,
+        "too few cases have answers to mean much: {non_empty}"
     );
 }

@@ -149,6 +149,7 @@ impl DicomWebConnector {
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
         let mut offset: u32 = 0;
+        let mut repeated_pages = 0;
         let cap = self.max_results();
         loop {
             let limit = match cap {
@@ -173,8 +174,14 @@ impl DicomWebConnector {
                     rows.push(row);
                 }
             }
-            if rows.len() == before {
-                // A whole page of rows already seen: the backend is not
+            if rows.len() > before {
+                repeated_pages = 0;
+            } else if repeated_pages == 0 {
+                // A page of rows already seen: a backend that repeats rows
+                // across pages (Azure) can end on one; ask once more.
+                repeated_pages = 1;
+            } else {
+                // Two pages in a row of rows already seen: the backend is not
                 // honouring `offset`, so what lies beyond cannot be reached.
                 // The level only: a path can carry a study UID, an identifier.
                 let level = path.rsplit('/').next().unwrap_or_default();
@@ -199,8 +206,19 @@ impl DicomWebConnector {
             _ => None,
         };
         let mut renewed = false;
+        let mut throttled = 0;
         let (status, body) = loop {
             let answer = self.send(&url, token.as_ref()).await?;
+            // Throttled: wait as asked (or back off) and try again, a few times.
+            if answer.0 == StatusCode::TOO_MANY_REQUESTS && throttled + 1 < THROTTLED_ATTEMPTS {
+                let wait = answer.1.unwrap_or(Duration::from_millis(200 << throttled));
+                if wait <= MAX_RETRY_AFTER {
+                    throttled += 1;
+                    tracing::debug!(wait_ms = wait.as_millis() as u64, "throttled; waiting");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
             // A token the service no longer accepts (revoked, or expired
             // early): fetch a new one and try once more.
             if answer.0 == StatusCode::UNAUTHORIZED
@@ -213,13 +231,14 @@ impl DicomWebConnector {
                 tracing::debug!("access token refused; retrying once with a new one");
                 continue;
             }
-            break answer;
+            break (answer.0, answer.2);
         };
         match status {
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 return Err(ConnectorError::Unauthorized(status.as_u16()));
             }
+            StatusCode::TOO_MANY_REQUESTS => return Err(ConnectorError::Throttled),
             status if !status.is_success() => {
                 return Err(ConnectorError::UpstreamStatus(status.as_u16()));
             }
@@ -499,11 +518,7 @@ impl DicomWebConnector {
     /// `Profile::idle_timeout`); what remains gets up to
     /// `TRANSPORT_ATTEMPTS` tries of this idempotent GET. Timeouts are not
     /// retried: the deadline is the caller's.
-    async fn send(
-        &self,
-        url: &Url,
-        token: Option<&Secret>,
-    ) -> Result<(StatusCode, bytes::Bytes), ConnectorError> {
+    async fn send(&self, url: &Url, token: Option<&Secret>) -> Result<Answer, ConnectorError> {
         let request = || {
             let request = self
                 .client
@@ -540,14 +555,27 @@ impl DicomWebConnector {
 /// How often one QIDO-RS request is tried when the transport fails.
 const TRANSPORT_ATTEMPTS: u32 = 3;
 
+/// One answer: status, `Retry-After` (seconds form) and the whole body.
+type Answer = (StatusCode, Option<Duration>, bytes::Bytes);
+
 /// Sends one request and reads its whole body.
-async fn fetch(
-    request: reqwest::RequestBuilder,
-) -> Result<(StatusCode, bytes::Bytes), reqwest::Error> {
+async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
     let response = request.send().await?;
     let status = response.status();
-    Ok((status, response.bytes().await?))
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    Ok((status, retry_after, response.bytes().await?))
 }
+
+/// How often a throttled (429) request is tried.
+const THROTTLED_ATTEMPTS: u32 = 4;
+/// The longest `Retry-After` waited for; longer ones end the search (the
+/// partner's deadline would pass anyway).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// Transport failures, described without the URL (it carries query values).
 fn transport_error(error: reqwest::Error) -> ConnectorError {

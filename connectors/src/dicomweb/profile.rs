@@ -15,6 +15,13 @@ pub enum Profile {
     /// values, matches wildcards case-insensitively and matches
     /// comma-separated lists of modalities.
     Orthanc,
+    /// Google Cloud Healthcare API DICOM stores: OAuth2 bearer tokens,
+    /// `limit` up to 5,000 (default 100), no total count.
+    Gcp,
+    /// Azure Health Data Services DICOM service (API v2): Entra ID tokens,
+    /// `limit` 1–200 (outside: 400), `204` for no results, pages that may
+    /// repeat rows.
+    Azure,
 }
 
 impl Profile {
@@ -22,13 +29,18 @@ impl Profile {
         match self {
             Profile::Generic => 100,
             Profile::Orthanc => 1000,
+            Profile::Gcp => 1000,
+            Profile::Azure => 200,
         }
     }
 
+    /// The largest `limit` the backend accepts (more is refused or cut).
     pub fn max_page_size(self) -> u32 {
         match self {
             Profile::Generic => 1000,
             Profile::Orthanc => 10_000,
+            Profile::Gcp => 5000,
+            Profile::Azure => 200,
         }
     }
 
@@ -39,7 +51,7 @@ impl Profile {
     /// servers in front of other archives after 5 s.
     pub fn idle_timeout(self) -> Duration {
         match self {
-            Profile::Generic => Duration::from_secs(4),
+            Profile::Generic | Profile::Gcp | Profile::Azure => Duration::from_secs(4),
             Profile::Orthanc => Duration::from_millis(250),
         }
     }
@@ -53,7 +65,7 @@ impl Profile {
     /// Orthanc 1.10 / DICOMweb 1.7 return nothing past the first page when
     /// it is (measured), so there modality is asked at series level.
     pub fn pages_modalities_in_study(self) -> bool {
-        matches!(self, Profile::Generic)
+        !matches!(self, Profile::Orthanc)
     }
 
     /// Whether `ModalitiesInStudy=CT,MR` / `Modality=CT,MR` match either.
@@ -67,7 +79,7 @@ impl Profile {
     pub fn contains_pattern(self, needle: &str) -> Option<String> {
         match self {
             Profile::Orthanc => Some(format!("*{}*", self.exact_pattern(needle))),
-            Profile::Generic => None,
+            Profile::Generic | Profile::Gcp | Profile::Azure => None,
         }
     }
 
@@ -78,7 +90,7 @@ impl Profile {
     pub fn exact_pattern(self, value: &str) -> String {
         match self {
             Profile::Orthanc => value.replace(' ', "?"),
-            Profile::Generic => value.to_owned(),
+            Profile::Generic | Profile::Gcp | Profile::Azure => value.to_owned(),
         }
     }
 

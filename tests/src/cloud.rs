@@ -1,0 +1,286 @@
+//! Stand-ins for the clouds' DICOMweb services, built from their documented
+//! behaviour, in front of a real Orthanc that holds the data.
+//!
+//! What each enforces:
+//! - Google Cloud Healthcare: the URL layout
+//!   `/v1/projects/P/locations/L/datasets/D/dicomStores/S/dicomWeb/…`,
+//!   bearer tokens from its metadata server (short-lived here, so they
+//!   expire during a test), `limit` at most 5,000 (default 100; more: 400).
+//! - Azure DICOM service: `/v2/partitions/NAME/…`, Entra ID client
+//!   credentials at `/{tenant}/oauth2/v2.0/token` (secret checked),
+//!   `limit` 1–200 (outside: 400), `204` for no rows, pages that repeat
+//!   the previous page's last row.
+//! - Both answer some requests with `429` and `Retry-After: 0`.
+//!
+//! Paging is done here (the stand-in asks Orthanc for all matches and
+//! slices them), so Orthanc's own paging quirks do not leak into the test
+//! of the cloud profile.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use meshgate_connectors::dicomweb::Profile;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Which cloud a stand-in behaves like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Gcp,
+    Azure,
+}
+
+/// The Azure stand-in's tenant, client and partition.
+pub const AZURE_TENANT: &str = "meshgate-tenant";
+pub const AZURE_CLIENT_ID: &str = "meshgate-client";
+pub const AZURE_PARTITION: &str = "research";
+
+#[derive(Debug)]
+struct Inner {
+    cloud: Cloud,
+    orthanc: String,
+    client: reqwest::Client,
+    client_secret: String,
+    token_lifetime: Duration,
+    tokens: Mutex<HashMap<String, Instant>>,
+    issued: AtomicU32,
+    requests: AtomicU32,
+    throttled: AtomicU32,
+    refused: AtomicU32,
+}
+
+/// A running stand-in.
+#[derive(Debug, Clone)]
+pub struct CloudStandIn {
+    inner: Arc<Inner>,
+    /// Where it listens, e.g. `http://127.0.0.1:1234`.
+    pub root: String,
+}
+
+impl CloudStandIn {
+    /// Starts a stand-in for `cloud` in front of the Orthanc on `orthanc_port`.
+    /// Tokens live `token_lifetime`; the Azure client secret is `client_secret`.
+    pub async fn start(
+        cloud: Cloud,
+        orthanc_port: u16,
+        token_lifetime: Duration,
+        client_secret: &str,
+    ) -> CloudStandIn {
+        let inner = Arc::new(Inner {
+            cloud,
+            orthanc: format!("http://127.0.0.1:{orthanc_port}/dicom-web"),
+            client: reqwest::Client::new(),
+            client_secret: client_secret.to_owned(),
+            token_lifetime,
+            tokens: Mutex::default(),
+            issued: AtomicU32::new(0),
+            requests: AtomicU32::new(0),
+            throttled: AtomicU32::new(0),
+            refused: AtomicU32::new(0),
+        });
+        let app = Router::new()
+            .route("/computeMetadata/v1/token", get(metadata_token))
+            .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
+            .route("/v1/{*path}", get(gcp_dicomweb))
+            .route("/v2/{*path}", get(azure_dicomweb))
+            .with_state(Arc::clone(&inner));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let root = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        CloudStandIn { inner, root }
+    }
+
+    /// Tokens issued so far.
+    pub fn tokens_issued(&self) -> u32 {
+        self.inner.issued.load(Ordering::SeqCst)
+    }
+
+    /// DICOMweb requests received (including refused and throttled ones).
+    pub fn requests(&self) -> u32 {
+        self.inner.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered 429.
+    pub fn throttled(&self) -> u32 {
+        self.inner.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused for a missing, unknown or expired token.
+    pub fn refused(&self) -> u32 {
+        self.inner.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Inner {
+    fn issue(&self) -> Value {
+        let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let token = format!("standin-token-{n}");
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token.clone(), Instant::now() + self.token_lifetime);
+        json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": self.token_lifetime.as_secs(),
+        })
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        token
+            .and_then(|t| tokens.get(t))
+            .is_some_and(|expiry| Instant::now() < *expiry)
+    }
+}
+
+async fn metadata_token(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if inner.cloud != Cloud::Gcp || headers.get("metadata-flavor").is_none_or(|v| v != "Google") {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    axum::Json(inner.issue()).into_response()
+}
+
+async fn entra_token(
+    State(inner): State<Arc<Inner>>,
+    Path(tenant): Path<String>,
+    axum::Form(form): axum::Form<HashMap<String, String>>,
+) -> Response {
+    let valid = inner.cloud == Cloud::Azure
+        && tenant == AZURE_TENANT
+        && form
+            .get("grant_type")
+            .is_some_and(|g| g == "client_credentials")
+        && form.get("client_id").is_some_and(|c| c == AZURE_CLIENT_ID)
+        && form
+            .get("client_secret")
+            .is_some_and(|s| *s == inner.client_secret)
+        && form
+            .get("scope")
+            .is_some_and(|s| s == "https://dicom.healthcareapis.azure.com/.default");
+    if !valid {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    axum::Json(inner.issue()).into_response()
+}
+
+async fn gcp_dicomweb(
+    State(inner): State<Arc<Inner>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    // projects/P/locations/L/datasets/D/dicomStores/S/dicomWeb/REST
+    let parts: Vec<&str> = path.splitn(10, '/').collect();
+    let layout = parts.len() == 10
+        && parts[0] == "projects"
+        && parts[2] == "locations"
+        && parts[4] == "datasets"
+        && parts[6] == "dicomStores"
+        && parts[8] == "dicomWeb";
+    if !layout {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    dicomweb(&inner, parts[9], &headers, query).await
+}
+
+async fn azure_dicomweb(
+    State(inner): State<Arc<Inner>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let prefix = format!("partitions/{AZURE_PARTITION}/");
+    match path.strip_prefix(&prefix) {
+        Some(rest) => dicomweb(&inner, rest, &headers, query).await,
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn dicomweb(
+    inner: &Inner,
+    rest: &str,
+    headers: &HeaderMap,
+    query: Vec<(String, String)>,
+) -> Response {
+    let n = inner.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if !inner.authorized(headers) {
+        inner.refused.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if n.is_multiple_of(9) {
+        inner.throttled.fetch_add(1, Ordering::SeqCst);
+        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "0")]).into_response();
+    }
+    let (max, default) = match inner.cloud {
+        Cloud::Gcp => (5000, 100),
+        Cloud::Azure => (200, 100),
+    };
+    let number = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.parse::<usize>())
+    };
+    let limit = match number("limit") {
+        None => default,
+        Some(Ok(limit)) if (1..=max).contains(&limit) => limit,
+        Some(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let offset = match number("offset") {
+        None => 0,
+        Some(Ok(offset)) => offset,
+        Some(Err(_)) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    // Everything that matches, from Orthanc, in its query syntax.
+    let mut url = format!("{}/{rest}?", inner.orthanc);
+    for (name, value) in query.iter().filter(|(k, _)| k != "limit" && k != "offset") {
+        url.push_str(name);
+        url.push('=');
+        url.push_str(&Profile::Orthanc.encode_value(&Profile::Orthanc.exact_pattern(value)));
+        url.push('&');
+    }
+    let rows: Vec<Value> = match inner.client.get(&url).send().await {
+        Ok(response) if response.status().is_success() => response.json().await.unwrap_or_default(),
+        Ok(response) => {
+            return StatusCode::from_u16(response.status().as_u16())
+                .unwrap_or(StatusCode::BAD_GATEWAY)
+                .into_response();
+        }
+        Err(_) => return StatusCode::BAD_GATEWAY.into_response(),
+    };
+    // Azure repeats the previous page's last row at the top of the next.
+    let start = match inner.cloud {
+        Cloud::Azure if offset > 0 => offset - 1,
+        _ => offset,
+    };
+    let page: Vec<Value> = rows.into_iter().skip(start).take(limit).collect();
+    if page.is_empty() && inner.cloud == Cloud::Azure {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/dicom+json")],
+        axum::Json(page),
+    )
+        .into_response()
+}
