@@ -1113,4 +1113,54 @@ purposes = ["DUO:0000006"]
             assert!(load(&text, &env).is_ok(), "{url}");
         }
     }
+
+    #[test]
+    fn cloud_partners_are_configured_by_resource_names_and_credential_references() {
+        let clouds = format!(
+            "{GOOD}{}",
+            r#"
+[[partners]]
+id = "google"
+name = "Google partner"
+institution = "g"
+data_use = { permission = "DUO:0000042" }
+[partners.connector]
+kind = "gcp"
+project = "my-project"
+location = "europe-west4"
+dataset = "imaging"
+dicom_store = "research"
+credentials = { kind = "service_account", key = "${file:/run/secrets/sa.json}" }
+
+[[partners]]
+id = "azure"
+name = "Azure partner"
+institution = "a"
+data_use = { permission = "DUO:0000042" }
+[partners.connector]
+kind = "azure"
+workspace = "ws"
+service = "dicom"
+partition = "research"
+credentials = { kind = "client_secret", tenant = "contoso.example", client_id = "app", secret = "${env:AZURE_SECRET}" }
+"#
+        );
+        let env = env_with(&[
+            ("SOUTH_PASSWORD", "x"),
+            ("AZURE_SECRET", "s3cret"),
+            ("file:/run/secrets/sa.json", "{}"),
+        ]);
+        let loaded = load(&clouds, &env).unwrap();
+        assert_eq!(loaded.secrets.for_partner(2).unwrap().expose(), "{}");
+        assert_eq!(loaded.secrets.for_partner(3).unwrap().expose(), "s3cret");
+
+        let slash = clouds.replace("dataset = \"imaging\"", "dataset = \"imaging/../x\"");
+        let error = load(&slash, &env).unwrap_err();
+        assert_eq!(error.line, Some(50), "{error}");
+        assert!(error.message.contains("dataset"), "{error}");
+        let literal = clouds.replace("${env:AZURE_SECRET}", "s3cret");
+        let error = load(&literal, &env).unwrap_err();
+        assert_eq!(error.line, Some(64), "{error}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
 }
