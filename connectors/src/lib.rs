@@ -21,6 +21,7 @@ use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
 pub mod dicomweb;
 pub mod files;
 mod secret;
+pub mod sigv4;
 pub mod token;
 
 pub use secret::Secret;
