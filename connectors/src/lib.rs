@@ -18,6 +18,7 @@ use std::fmt;
 use async_trait::async_trait;
 use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
 
+pub mod aws_credentials;
 pub mod dicomweb;
 pub mod files;
 mod secret;
