@@ -152,6 +152,24 @@ impl AwsCredentialProvider {
     }
 }
 
+/// Fixed credentials (from the configuration's secrets).
+#[derive(Debug)]
+pub struct StaticSource(pub AwsCredentials);
+
+#[async_trait]
+impl AwsCredentialSource for StaticSource {
+    fn name(&self) -> &'static str {
+        "configuration"
+    }
+
+    async fn fetch(&self, _: &reqwest::Client) -> Result<Option<Issued>, ConnectorError> {
+        Ok(Some(Issued {
+            credentials: self.0.clone(),
+            expires: None,
+        }))
+    }
+}
+
 #[derive(Debug)]
 struct EnvironmentSource(std::sync::Arc<dyn AwsEnvironment>);
 

@@ -12,6 +12,9 @@ use time::macros::format_description;
 
 use crate::Secret;
 
+/// The SigV4 service name of AWS HealthImaging (DICOMweb and native APIs).
+pub const HEALTHIMAGING_SERVICE: &str = "medical-imaging";
+
 /// AWS credentials: an access key, its secret, and a session token for
 /// temporary credentials.
 #[derive(Debug, Clone)]

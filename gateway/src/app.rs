@@ -14,8 +14,13 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use meshgate_connectors::aws_credentials::{
+    AwsCredentialProvider, AwsCredentialSource, AwsEndpoints, ProcessAwsEnvironment, StaticSource,
+    default_chain,
+};
 use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings, Profile};
 use meshgate_connectors::files::FilesConnector;
+use meshgate_connectors::sigv4::{AwsCredentials, HEALTHIMAGING_SERVICE};
 use meshgate_connectors::token::{
     AZURE_DICOM_RESOURCE, AZURE_DICOM_SCOPE, AZURE_IMDS_TOKEN_URL, ClientCredentials, ClientProof,
     GOOGLE_HEALTHCARE_SCOPE, GOOGLE_METADATA_TOKEN_URL, GoogleServiceAccount, MetadataServer,
@@ -31,7 +36,8 @@ use meshgate_policies::{Authorizer, PolicyError};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{
-    AuthConfig, AzureCredentials, ConnectorConfig, GcpCredentials, LoadedConfig, parse_utc_offset,
+    AuthConfig, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
+    LoadedConfig, parse_utc_offset,
 };
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
@@ -136,6 +142,57 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                     ),
                 };
                 cloud_dicomweb(&base, Profile::Gcp, source, *page_size).map_err(failed)?
+            }
+            ConnectorConfig::Aws {
+                region,
+                datastore_id,
+                credentials,
+                endpoint,
+                page_size,
+            } => {
+                let root = endpoint.clone().unwrap_or_else(|| {
+                    format!("https://dicom-medical-imaging.{region}.amazonaws.com")
+                });
+                let base = format!("{}/datastore/{datastore_id}/", root.trim_end_matches('/'));
+                let chain: Vec<Box<dyn AwsCredentialSource>> = match credentials {
+                    AwsCredentialsConfig::Chain => default_chain(
+                        Arc::new(ProcessAwsEnvironment),
+                        AwsEndpoints::for_region(region),
+                    ),
+                    AwsCredentialsConfig::Static { access_key_id, .. } => {
+                        let secret =
+                            loaded.secrets.for_partner(index).cloned().ok_or_else(|| {
+                                failed(ConnectorError::Config("credential missing".into()))
+                            })?;
+                        vec![Box::new(StaticSource(AwsCredentials {
+                            access_key_id: access_key_id.clone(),
+                            secret_access_key: secret,
+                            session_token: None,
+                        }))]
+                    }
+                };
+                let base_url = meshgate_connectors::dicomweb::Url::parse(&base).map_err(|_| {
+                    failed(ConnectorError::Config(
+                        "the service URL is not valid".into(),
+                    ))
+                })?;
+                Arc::new(
+                    DicomWebConnector::new(DicomWebSettings {
+                        base_url,
+                        profile: Profile::Aws,
+                        auth: Auth::SigV4 {
+                            credentials: Arc::new(
+                                AwsCredentialProvider::new(chain).map_err(failed)?,
+                            ),
+                            region: region.clone(),
+                            service: HEALTHIMAGING_SERVICE,
+                        },
+                        page_size: *page_size,
+                        detail_concurrency: 8,
+                        max_results: None,
+                    })
+                    .map_err(failed)?,
+                )
             }
             ConnectorConfig::Azure {
                 workspace,

@@ -265,6 +265,19 @@ pub enum ConnectorConfig {
         #[serde(default)]
         page_size: Option<u32>,
     },
+    /// An AWS HealthImaging data store, through its DICOMweb API.
+    Aws {
+        region: String,
+        datastore_id: String,
+        #[serde(default)]
+        credentials: AwsCredentialsConfig,
+        /// The service URL; default
+        /// `https://dicom-medical-imaging.{region}.amazonaws.com`.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        page_size: Option<u32>,
+    },
     /// An Azure Health Data Services DICOM service (API v2).
     Azure {
         workspace: String,
@@ -279,6 +292,21 @@ pub enum ConnectorConfig {
         endpoint: Option<String>,
         #[serde(default)]
         page_size: Option<u32>,
+    },
+}
+
+/// Where an AWS partner's credentials come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AwsCredentialsConfig {
+    /// The SDKs' default chain: environment, shared credentials profile, web
+    /// identity, container endpoint, instance role.
+    #[default]
+    Chain,
+    /// Keys given here, as references.
+    Static {
+        access_key_id: String,
+        secret_access_key: SecretRef,
     },
 }
 
@@ -539,6 +567,29 @@ impl Config {
                                 .map_err(|message| located(at(&["credentials", "key"]), message))?,
                         ),
                         GcpCredentials::MetadataServer { .. } => None,
+                    }
+                }
+                ConnectorConfig::Aws {
+                    region,
+                    datastore_id,
+                    credentials,
+                    ..
+                } => {
+                    for (name, value) in [("region", region), ("datastore_id", datastore_id)] {
+                        if !is_resource_name(value) {
+                            return Err(located(
+                                at(&[name]),
+                                format!("{name} must be letters, digits, '-', '_' or '.'"),
+                            ));
+                        }
+                    }
+                    match credentials {
+                        AwsCredentialsConfig::Chain => None,
+                        AwsCredentialsConfig::Static {
+                            secret_access_key, ..
+                        } => Some(resolve_secret(secret_access_key, env).map_err(|message| {
+                            located(at(&["credentials", "secret_access_key"]), message)
+                        })?),
                     }
                 }
                 ConnectorConfig::Azure {

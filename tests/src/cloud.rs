@@ -10,7 +10,12 @@
 //!   credentials at `/{tenant}/oauth2/v2.0/token` (secret checked),
 //!   `limit` 1–200 (outside: 400), `204` for no rows, pages that repeat
 //!   the previous page's last row.
-//! - Both answer some requests with `429` and `Retry-After: 0`.
+//! - AWS HealthImaging DICOMweb: `/datastore/ID/…`, every request SigV4
+//!   signed for `medical-imaging` in the stand-in's region with a known key,
+//!   verified with AWS's own signing library (not meshgate's) and a 5-minute
+//!   clock skew limit; `limit` at most 1,000; at most `cap` records per
+//!   search (AWS: 10,000), offsets beyond it answered with nothing.
+//! - All answer some requests with `429` and `Retry-After: 0`.
 //!
 //! Paging is done here (the stand-in asks Orthanc for all matches and
 //! slices them), so Orthanc's own paging quirks do not leak into the test
@@ -35,7 +40,16 @@ use tokio::net::TcpListener;
 pub enum Cloud {
     Gcp,
     Azure,
+    /// HealthImaging's DICOMweb API, with this many records per search at most.
+    Aws {
+        cap: usize,
+    },
 }
+
+/// The AWS stand-in's region, data store and key.
+pub const AWS_REGION: &str = "eu-west-1";
+pub const AWS_DATASTORE: &str = "0123456789abcdef0123456789abcdef";
+pub const AWS_ACCESS_KEY_ID: &str = "AKIAMESHGATETEST";
 
 /// The Azure stand-in's tenant, client and partition.
 pub const AZURE_TENANT: &str = "meshgate-tenant";
@@ -66,7 +80,8 @@ pub struct CloudStandIn {
 
 impl CloudStandIn {
     /// Starts a stand-in for `cloud` in front of the Orthanc on `orthanc_port`.
-    /// Tokens live `token_lifetime`; the Azure client secret is `client_secret`.
+    /// Tokens live `token_lifetime`; `client_secret` is the Azure client
+    /// secret or the AWS secret access key.
     pub async fn start(
         cloud: Cloud,
         orthanc_port: u16,
@@ -76,7 +91,11 @@ impl CloudStandIn {
         let inner = Arc::new(Inner {
             cloud,
             orthanc: format!("http://127.0.0.1:{orthanc_port}/dicom-web"),
-            client: reqwest::Client::new(),
+            // Orthanc closes idle keep-alive connections after ~0.5 s.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_millis(200))
+                .build()
+                .unwrap_or_default(),
             client_secret: client_secret.to_owned(),
             token_lifetime,
             tokens: Mutex::default(),
@@ -90,6 +109,7 @@ impl CloudStandIn {
             .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
             .route("/v1/{*path}", get(gcp_dicomweb))
             .route("/v2/{*path}", get(azure_dicomweb))
+            .route("/datastore/{id}/{*path}", get(aws_dicomweb))
             .with_state(Arc::clone(&inner));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -217,6 +237,100 @@ async fn azure_dicomweb(
     }
 }
 
+async fn aws_dicomweb(
+    State(inner): State<Arc<Inner>>,
+    Path((id, path)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    if !matches!(inner.cloud, Cloud::Aws { .. }) || id != AWS_DATASTORE {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if !sigv4_valid(&inner.client_secret, &uri, &headers) {
+        inner.requests.fetch_add(1, Ordering::SeqCst);
+        inner.refused.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    dicomweb(&inner, &path, &headers, query).await
+}
+
+/// Checks a SigV4 `Authorization` header with AWS's own implementation:
+/// the same key, scope, time and signed headers must give the same signature.
+fn sigv4_valid(secret: &str, uri: &axum::http::Uri, headers: &HeaderMap) -> bool {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(authorization) = text("authorization") else {
+        return false;
+    };
+    let Some(fields) = authorization.strip_prefix("AWS4-HMAC-SHA256 ") else {
+        return false;
+    };
+    let field = |name: &str| {
+        fields
+            .split(", ")
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+    };
+    let (Some(credential), Some(signed), Some(signature), Some(date)) = (
+        field("Credential"),
+        field("SignedHeaders"),
+        field("Signature"),
+        text("x-amz-date"),
+    ) else {
+        return false;
+    };
+    let scope: Vec<&str> = credential.split('/').collect();
+    if scope.len() != 5
+        || scope[0] != AWS_ACCESS_KEY_ID
+        || scope[2] != AWS_REGION
+        || scope[3] != "medical-imaging"
+        || scope[4] != "aws4_request"
+    {
+        return false;
+    }
+    let Ok(time) = time::PrimitiveDateTime::parse(
+        date,
+        time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"),
+    ) else {
+        return false;
+    };
+    let time: std::time::SystemTime = time.assume_utc().into();
+    let skew = time.elapsed().unwrap_or_else(|e| e.duration());
+    if skew > Duration::from_secs(300) {
+        return false;
+    }
+    // The headers the client signed, except those the library adds itself.
+    let signed_headers: Vec<(&str, &str)> = signed
+        .split(';')
+        .filter(|name| !matches!(*name, "x-amz-date" | "x-amz-security-token"))
+        .filter_map(|name| text(name).map(|value| (name, value)))
+        .collect();
+    let host = text("host").unwrap_or_default();
+    let url = format!("http://{host}{uri}");
+    let identity =
+        aws_credential_types::Credentials::new(AWS_ACCESS_KEY_ID, secret, None, None, "stand-in")
+            .into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(AWS_REGION)
+        .name("medical-imaging")
+        .time(time)
+        .settings(SigningSettings::default())
+        .build();
+    let Ok(params) = params else {
+        return false;
+    };
+    let Ok(request) = SignableRequest::new(
+        "GET",
+        url.as_str(),
+        signed_headers.into_iter(),
+        SignableBody::Bytes(b""),
+    ) else {
+        return false;
+    };
+    sign(request, &params.into()).is_ok_and(|out| out.signature() == signature)
+}
+
 async fn dicomweb(
     inner: &Inner,
     rest: &str,
@@ -224,7 +338,7 @@ async fn dicomweb(
     query: Vec<(String, String)>,
 ) -> Response {
     let n = inner.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    if !inner.authorized(headers) {
+    if !matches!(inner.cloud, Cloud::Aws { .. }) && !inner.authorized(headers) {
         inner.refused.fetch_add(1, Ordering::SeqCst);
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -235,6 +349,7 @@ async fn dicomweb(
     let (max, default) = match inner.cloud {
         Cloud::Gcp => (5000, 100),
         Cloud::Azure => (200, 100),
+        Cloud::Aws { .. } => (1000, 100),
     };
     let number = |name: &str| {
         query
@@ -260,7 +375,12 @@ async fn dicomweb(
         url.push_str(&Profile::Orthanc.encode_value(&Profile::Orthanc.exact_pattern(value)));
         url.push('&');
     }
-    let rows: Vec<Value> = match inner.client.get(&url).send().await {
+    let mut answer = inner.client.get(&url).send().await;
+    if answer.is_err() {
+        // A connection Orthanc closed just as it was reused: once more.
+        answer = inner.client.get(&url).send().await;
+    }
+    let rows: Vec<Value> = match answer {
         Ok(response) if response.status().is_success() => response.json().await.unwrap_or_default(),
         Ok(response) => {
             return StatusCode::from_u16(response.status().as_u16())
@@ -274,7 +394,11 @@ async fn dicomweb(
         Cloud::Azure if offset > 0 => offset - 1,
         _ => offset,
     };
-    let page: Vec<Value> = rows.into_iter().skip(start).take(limit).collect();
+    let cap = match inner.cloud {
+        Cloud::Aws { cap } => cap,
+        _ => usize::MAX,
+    };
+    let page: Vec<Value> = rows.into_iter().take(cap).skip(start).take(limit).collect();
     if page.is_empty() && inner.cloud == Cloud::Azure {
         return StatusCode::NO_CONTENT.into_response();
     }

@@ -1,6 +1,7 @@
-//! The Google Cloud and Azure DICOMweb profiles, end to end: the same cohort
-//! cases as the Orthanc suite, through stand-ins that behave as those
-//! services are documented to (URL layout, OAuth2 tokens that expire, page
+//! The Google Cloud, Azure and AWS HealthImaging DICOMweb profiles, end to
+//! end: the same cohort cases as the Orthanc suite, through stand-ins that
+//! behave as those services are documented to (URL layout, OAuth2 tokens
+//! that expire, SigV4 signatures checked with AWS's own library, page
 //! limits, `204` empties, repeated rows, throttling), each in front of a
 //! real Orthanc holding a synthetic partner.
 
@@ -13,7 +14,10 @@
 
 use std::time::Duration;
 
-use meshgate_tests::cloud::{AZURE_CLIENT_ID, AZURE_PARTITION, AZURE_TENANT, Cloud, CloudStandIn};
+use meshgate_tests::cloud::{
+    AWS_ACCESS_KEY_ID, AWS_DATASTORE, AWS_REGION, AZURE_CLIENT_ID, AZURE_PARTITION, AZURE_TENANT,
+    Cloud, CloudStandIn,
+};
 use meshgate_tests::{
     Gateway, GroundTruth, Orthanc, SyntheticPartner,
     cohort_counts_and_every_page_equal_the_ground_truth,
@@ -28,8 +32,12 @@ async fn cloud_profiles_answer_the_cohort_cases_like_the_ground_truth() {
     google_orthanc.load(&google_data).await;
     let azure_orthanc = Orthanc::start("azure").await;
     azure_orthanc.load(&azure_data).await;
+    let amazon_data = SyntheticPartner::new("amazon", 40, 23);
+    let amazon_orthanc = Orthanc::start("amazon").await;
+    amazon_orthanc.load(&amazon_data).await;
     truth.add(&google_data);
     truth.add(&azure_data);
+    truth.add(&amazon_data);
 
     // Two-second tokens: they expire, and are refreshed, during the run.
     let lifetime = Duration::from_secs(2);
@@ -37,6 +45,15 @@ async fn cloud_profiles_answer_the_cohort_cases_like_the_ground_truth() {
     let secret_dir = tempfile::tempdir().unwrap();
     let secret_file = secret_dir.path().join("azure-client-secret");
     std::fs::write(&secret_file, "azure-test-client-secret\n").unwrap();
+    let aws_secret_file = secret_dir.path().join("aws-secret-access-key");
+    std::fs::write(&aws_secret_file, "aws-test-secret-access-key\n").unwrap();
+    let amazon = CloudStandIn::start(
+        Cloud::Aws { cap: 10_000 },
+        amazon_orthanc.port,
+        lifetime,
+        "aws-test-secret-access-key",
+    )
+    .await;
     let azure = CloudStandIn::start(
         Cloud::Azure,
         azure_orthanc.port,
@@ -75,17 +92,70 @@ partition = "{AZURE_PARTITION}"
 endpoint = "{azure}"
 page_size = 7
 credentials = {{ kind = "client_secret", tenant = "{AZURE_TENANT}", client_id = "{AZURE_CLIENT_ID}", secret = "${{file:{secret}}}", authority = "{azure}" }}
+
+[[partners]]
+id = "amazon"
+name = "AWS partner"
+utc_offset = "+01:00"
+deadline_ms = 20000
+[partners.connector]
+kind = "aws"
+region = "{AWS_REGION}"
+datastore_id = "{AWS_DATASTORE}"
+endpoint = "{amazon}"
+page_size = 9
+credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_access_key = "${{file:{aws_secret}}}" }}
 "#,
         google = google.root,
         azure = azure.root,
+        amazon = amazon.root,
         secret = secret_file.display(),
+        aws_secret = aws_secret_file.display(),
     );
     let gateway = Gateway::start(&config).await;
     cohort_counts_and_every_page_equal_the_ground_truth(&gateway, &truth, ["google", "azure"])
         .await;
 
-    for (name, cloud) in [("google", &google), ("azure", &azure)] {
-        assert!(cloud.tokens_issued() >= 2, "{name}: tokens were refreshed");
+    assert_eq!(amazon.refused(), 0, "every SigV4 signature verified");
+    assert!(amazon.requests() > 0);
+    // The stand-in does refuse what AWS would: a signature made with the
+    // wrong secret, and a request signed too long ago.
+    let url = reqwest::Url::parse(&format!(
+        "{}/datastore/{AWS_DATASTORE}/studies",
+        amazon.root
+    ))
+    .unwrap();
+    for (secret, age) in [("not-the-secret", 0), ("aws-test-secret-access-key", 600)] {
+        let headers = meshgate_connectors::sigv4::sign(
+            "GET",
+            &url,
+            &[],
+            b"",
+            &meshgate_connectors::sigv4::AwsCredentials {
+                access_key_id: AWS_ACCESS_KEY_ID.into(),
+                secret_access_key: meshgate_connectors::Secret::new(secret),
+                session_token: None,
+            },
+            meshgate_connectors::sigv4::Scope {
+                region: AWS_REGION,
+                service: "medical-imaging",
+                time: time::OffsetDateTime::now_utc() - time::Duration::seconds(age),
+            },
+        );
+        let mut request = reqwest::Client::new().get(url.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        assert_eq!(
+            request.send().await.unwrap().status(),
+            403,
+            "{secret}, {age} s old"
+        );
+    }
+    for (name, cloud) in [("google", &google), ("azure", &azure), ("amazon", &amazon)] {
+        if name != "amazon" {
+            assert!(cloud.tokens_issued() >= 2, "{name}: tokens were refreshed");
+        }
         assert!(cloud.throttled() > 0, "{name}: throttling was answered");
         println!(
             "{name}: {} requests, {} tokens, {} throttled, {} refused",

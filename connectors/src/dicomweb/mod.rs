@@ -22,6 +22,8 @@ use meshgate_schema::{
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
+use crate::aws_credentials::AwsCredentialProvider;
+use crate::sigv4::{self, Scope};
 use crate::token::TokenProvider;
 use crate::{Connector, ConnectorError, SearchOutcome, Secret};
 pub use profile::Profile;
@@ -44,6 +46,12 @@ pub enum Auth {
     /// OAuth2 access tokens, refreshed before expiry and once more when the
     /// service answers 401.
     Tokens(Arc<TokenProvider>),
+    /// AWS Signature Version 4 for `service` in `region`.
+    SigV4 {
+        credentials: Arc<AwsCredentialProvider>,
+        region: String,
+        service: &'static str,
+    },
 }
 
 /// Everything a DICOMweb connector needs to know about its partner.
@@ -519,6 +527,14 @@ impl DicomWebConnector {
     /// `TRANSPORT_ATTEMPTS` tries of this idempotent GET. Timeouts are not
     /// retried: the deadline is the caller's.
     async fn send(&self, url: &Url, token: Option<&Secret>) -> Result<Answer, ConnectorError> {
+        let aws = match &self.settings.auth {
+            Auth::SigV4 {
+                credentials,
+                region,
+                service,
+            } => Some((credentials.credentials().await?, region, *service)),
+            _ => None,
+        };
         let request = || {
             let request = self
                 .client
@@ -531,6 +547,26 @@ impl DicomWebConnector {
                 (Auth::Bearer { token }, _) | (Auth::Tokens(_), Some(token)) => {
                     request.bearer_auth(token.expose())
                 }
+                (Auth::SigV4 { .. }, _) => match &aws {
+                    // Signed per attempt: the signature carries the time.
+                    Some((credentials, region, service)) => sigv4::sign(
+                        "GET",
+                        url,
+                        &[],
+                        b"",
+                        credentials,
+                        Scope {
+                            region,
+                            service,
+                            time: time::OffsetDateTime::now_utc(),
+                        },
+                    )
+                    .into_iter()
+                    .fold(request, |request, (name, value)| {
+                        request.header(name, value)
+                    }),
+                    None => request,
+                },
                 _ => request,
             }
         };

@@ -22,6 +22,9 @@ pub enum Profile {
     /// `limit` 1–200 (outside: 400), `204` for no results, pages that may
     /// repeat rows.
     Azure,
+    /// AWS HealthImaging's DICOMweb API: SigV4-signed (`medical-imaging`),
+    /// at most 10,000 records per search.
+    Aws,
 }
 
 impl Profile {
@@ -31,6 +34,7 @@ impl Profile {
             Profile::Orthanc => 1000,
             Profile::Gcp => 1000,
             Profile::Azure => 200,
+            Profile::Aws => 1000,
         }
     }
 
@@ -41,6 +45,7 @@ impl Profile {
             Profile::Orthanc => 10_000,
             Profile::Gcp => 5000,
             Profile::Azure => 200,
+            Profile::Aws => 1000,
         }
     }
 
@@ -51,14 +56,19 @@ impl Profile {
     /// servers in front of other archives after 5 s.
     pub fn idle_timeout(self) -> Duration {
         match self {
-            Profile::Generic | Profile::Gcp | Profile::Azure => Duration::from_secs(4),
+            Profile::Generic | Profile::Gcp | Profile::Azure | Profile::Aws => {
+                Duration::from_secs(4)
+            }
             Profile::Orthanc => Duration::from_millis(250),
         }
     }
 
     /// The most results one search may return, if the backend caps them.
     pub fn max_results(self) -> Option<u32> {
-        None
+        match self {
+            Profile::Aws => Some(10_000),
+            _ => None,
+        }
     }
 
     /// Whether `ModalitiesInStudy` can be combined with `offset` paging.
@@ -79,7 +89,7 @@ impl Profile {
     pub fn contains_pattern(self, needle: &str) -> Option<String> {
         match self {
             Profile::Orthanc => Some(format!("*{}*", self.exact_pattern(needle))),
-            Profile::Generic | Profile::Gcp | Profile::Azure => None,
+            Profile::Generic | Profile::Gcp | Profile::Azure | Profile::Aws => None,
         }
     }
 
@@ -90,7 +100,7 @@ impl Profile {
     pub fn exact_pattern(self, value: &str) -> String {
         match self {
             Profile::Orthanc => value.replace(' ', "?"),
-            Profile::Generic | Profile::Gcp | Profile::Azure => value.to_owned(),
+            Profile::Generic | Profile::Gcp | Profile::Azure | Profile::Aws => value.to_owned(),
         }
     }
 
