@@ -1194,14 +1194,38 @@ workspace = "ws"
 service = "dicom"
 partition = "research"
 credentials = { kind = "client_secret", tenant = "contoso.example", client_id = "app", secret = "${env:AZURE_SECRET}" }
+
+[[partners]]
+id = "amazon"
+name = "AWS partner"
+institution = "w"
+data_use = { permission = "DUO:0000042" }
+[partners.connector]
+kind = "aws"
+region = "eu-west-1"
+datastore_id = "0123456789abcdef0123456789abcdef"
+credentials = { kind = "static", access_key_id = "AKIAEXAMPLE", secret_access_key = "${env:AWS_SECRET}" }
+
+[[partners]]
+id = "amazon2"
+name = "AWS partner on its default credential chain"
+institution = "w"
+data_use = { permission = "DUO:0000042" }
+connector = { kind = "aws", region = "us-east-1", datastore_id = "abc" }
 "#
         );
         let env = env_with(&[
             ("SOUTH_PASSWORD", "x"),
             ("AZURE_SECRET", "s3cret"),
+            ("AWS_SECRET", "aws-s3cret"),
             ("file:/run/secrets/sa.json", "{}"),
         ]);
         let loaded = load(&clouds, &env).unwrap();
+        assert_eq!(
+            loaded.secrets.for_partner(4).unwrap().expose(),
+            "aws-s3cret"
+        );
+        assert!(loaded.secrets.for_partner(5).is_none());
         assert_eq!(loaded.secrets.for_partner(2).unwrap().expose(), "{}");
         assert_eq!(loaded.secrets.for_partner(3).unwrap().expose(), "s3cret");
 
