@@ -140,7 +140,26 @@ pub struct Orthanc {
 }
 
 impl Orthanc {
+    /// Starts an Orthanc on a free port. A free port can be taken by another
+    /// test between choosing it and Orthanc binding it, so the server that
+    /// answers must be this one (a unique name), or it is started again on
+    /// another port.
     pub async fn start(name: &str) -> Orthanc {
+        static STARTED: AtomicU64 = AtomicU64::new(0);
+        for _ in 0..5 {
+            let unique = format!(
+                "{name}-{}-{}",
+                std::process::id(),
+                STARTED.fetch_add(1, Ordering::SeqCst)
+            );
+            if let Some(orthanc) = Orthanc::try_start(&unique).await {
+                return orthanc;
+            }
+        }
+        panic!("Orthanc {name} did not start on any of 5 ports");
+    }
+
+    async fn try_start(name: &str) -> Option<Orthanc> {
         let storage = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = json!({
@@ -166,7 +185,7 @@ impl Orthanc {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start Orthanc ({}): {e}; install the Debian packages orthanc and orthanc-dicomweb", orthanc_bin()));
-        let orthanc = Orthanc {
+        let mut orthanc = Orthanc {
             child: Some(child),
             port,
             _storage: storage,
@@ -174,17 +193,33 @@ impl Orthanc {
         let client = reqwest::Client::new();
         // Up to 30 s: a first start on a fresh machine creates the index.
         for _ in 0..600 {
-            if let Ok(response) = client
+            if orthanc
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+            {
+                return None; // it exited: most likely the port was taken
+            }
+            let ready = client
                 .get(format!("{}/dicom-web/studies?limit=1", orthanc.url()))
                 .send()
                 .await
-                && response.status().is_success()
-            {
-                return orthanc;
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                let system: Value = client
+                    .get(format!("{}/system", orthanc.url()))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                // Another test's Orthanc on the same port is not ours.
+                return (system["Name"] == name).then_some(orthanc);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("Orthanc {name} did not become ready on port {port}");
+        None
     }
 
     pub fn url(&self) -> String {
@@ -205,13 +240,18 @@ impl Orthanc {
             let (client, url) = (client.clone(), url.clone());
             async move {
                 let body = tokio::fs::read(&path).await.unwrap();
-                let response = client.post(&url).body(body).send().await.unwrap();
-                assert!(
-                    response.status().is_success(),
-                    "Orthanc refused {}: {}",
-                    path.display(),
-                    response.status()
-                );
+                // Storing an instance is idempotent: a connection Orthanc
+                // closed under the request is simply tried again.
+                let mut last = String::new();
+                for _ in 0..3 {
+                    match client.post(&url).body(body.clone()).send().await {
+                        Ok(response) if response.status().is_success() => return,
+                        Ok(response) => last = response.status().to_string(),
+                        Err(error) => last = error.to_string(),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("Orthanc refused {}: {last}", path.display());
             }
         });
         use futures::StreamExt as _;
