@@ -263,6 +263,8 @@ async fn server_errors_garbage_and_dead_hosts_become_typed_errors_without_upstre
         (Quirk::Status(503), "PARTNER_HTTP_ERROR", true),
         (Quirk::Status(400), "PARTNER_HTTP_ERROR", false),
         (Quirk::Garbage, "PARTNER_BAD_RESPONSE", false),
+        // Throttled on every try (backing off 0.2, 0.4, 0.8 s without Retry-After).
+        (Quirk::Status(429), "PARTNER_THROTTLED", true),
     ];
     for (quirk, code, retryable) in cases {
         let (url, _) = serve(3, quirk).await;
