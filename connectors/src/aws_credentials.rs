@@ -3,7 +3,7 @@
 //! `AssumeRoleWithWebIdentity`, as EKS service accounts use), the container
 //! credentials endpoint (ECS, EKS Pod Identity), and the instance role
 //! through IMDSv2. Temporary credentials are cached and fetched again
-//! shortly before they expire. Keys and tokens are [`Secret`]s: never
+//! shortly before they expire (the same cache as access tokens). Keys and tokens are [`Secret`]s: never
 //! printed, never logged.
 
 use std::path::PathBuf;
@@ -13,14 +13,10 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 
+use crate::expiring::Expiring;
 use crate::sigv4::AwsCredentials;
 use crate::{ConnectorError, Secret};
-
-/// Temporary credentials are fetched again when less than this is left.
-pub const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 
 /// Where the process looks: its environment and files. Tests give their own.
 pub trait AwsEnvironment: Send + Sync + std::fmt::Debug {
@@ -94,18 +90,12 @@ pub fn default_chain(
     ]
 }
 
-#[derive(Debug)]
-struct Cached {
-    issued: Issued,
-    refresh_at: Option<Instant>,
-}
-
 /// A chain of sources with the credentials it last found.
 #[derive(Debug)]
 pub struct AwsCredentialProvider {
     chain: Vec<Box<dyn AwsCredentialSource>>,
     client: reqwest::Client,
-    current: Mutex<Option<Cached>>,
+    current: Expiring<AwsCredentials>,
 }
 
 impl AwsCredentialProvider {
@@ -118,37 +108,31 @@ impl AwsCredentialProvider {
         Ok(AwsCredentialProvider {
             chain,
             client,
-            current: Mutex::new(None),
+            current: Expiring::new(),
         })
     }
 
     /// Credentials with time left: the first source in the chain that has
     /// some, fetched again when temporary ones are about to expire.
     pub async fn credentials(&self) -> Result<AwsCredentials, ConnectorError> {
-        let mut current = self.current.lock().await;
-        if let Some(cached) = current.as_ref()
-            && cached.refresh_at.is_none_or(|at| Instant::now() < at)
-        {
-            return Ok(cached.issued.credentials.clone());
-        }
-        for source in &self.chain {
-            if let Some(issued) = source.fetch(&self.client).await? {
-                let refresh_at = issued.expires.map(|expires| {
-                    let left = (expires - OffsetDateTime::now_utc())
-                        .try_into()
-                        .unwrap_or(Duration::ZERO);
-                    let margin: Duration = REFRESH_BEFORE.min(left / 10);
-                    Instant::now() + left.saturating_sub(margin)
-                });
-                tracing::debug!(source = source.name(), "AWS credentials found");
-                let credentials = issued.credentials.clone();
-                *current = Some(Cached { issued, refresh_at });
-                return Ok(credentials);
-            }
-        }
-        Err(ConnectorError::Config(
-            "no AWS credentials: set them in the environment, a profile, web identity, the container endpoint or an instance role".into(),
-        ))
+        self.current
+            .get(|| async {
+                for source in &self.chain {
+                    if let Some(issued) = source.fetch(&self.client).await? {
+                        tracing::debug!(source = source.name(), "AWS credentials found");
+                        let lifetime = issued.expires.map(|expires| {
+                            (expires - OffsetDateTime::now_utc())
+                                .try_into()
+                                .unwrap_or(Duration::ZERO)
+                        });
+                        return Ok((issued.credentials, lifetime));
+                    }
+                }
+                Err(ConnectorError::Config(
+                    "no AWS credentials: set them in the environment, a profile, web identity, the container endpoint or an instance role".into(),
+                ))
+            })
+            .await
     }
 }
 

@@ -20,6 +20,7 @@ use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
 
 pub mod aws_credentials;
 pub mod dicomweb;
+mod expiring;
 pub mod files;
 mod secret;
 pub mod sigv4;

@@ -2,8 +2,8 @@
 //! standard credential sources, cached and refreshed before they expire.
 //!
 //! A [`TokenProvider`] holds one [`TokenSource`] and the current token. The
-//! token is fetched again when less than [`REFRESH_BEFORE`] (or a tenth of
-//! its lifetime, if shorter) is left, one fetch at a time; a request that
+//! token is fetched again when less than five minutes (or a tenth of its
+//! lifetime, if shorter) is left, one fetch at a time; a request that
 //! gets `401` with a token [`TokenProvider::invalidate`]s it and retries
 //! once. Tokens and keys are [`Secret`]s: never printed, never logged.
 //!
@@ -22,13 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 
+use crate::expiring::Expiring;
 use crate::{ConnectorError, Secret};
-
-/// Tokens are fetched again when less than this is left.
-pub const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
@@ -46,18 +42,12 @@ pub trait TokenSource: Send + Sync + std::fmt::Debug {
     async fn fetch(&self, client: &reqwest::Client) -> Result<AccessToken, ConnectorError>;
 }
 
-#[derive(Debug)]
-struct Cached {
-    token: Secret,
-    refresh_at: Instant,
-}
-
 /// A token source with its current token.
 #[derive(Debug)]
 pub struct TokenProvider {
     source: Box<dyn TokenSource>,
     client: reqwest::Client,
-    current: Mutex<Option<Cached>>,
+    current: Expiring<Secret>,
 }
 
 impl TokenProvider {
@@ -70,42 +60,31 @@ impl TokenProvider {
         Ok(TokenProvider {
             source,
             client,
-            current: Mutex::new(None),
+            current: Expiring::new(),
         })
     }
 
     /// A token with time left; fetches a new one when the current one is
     /// close to expiry. Concurrent callers wait for one fetch.
     pub async fn token(&self) -> Result<Secret, ConnectorError> {
-        let mut current = self.current.lock().await;
-        if let Some(cached) = current.as_ref()
-            && Instant::now() < cached.refresh_at
-        {
-            return Ok(cached.token.clone());
-        }
-        let fresh = self.source.fetch(&self.client).await?;
-        let margin = REFRESH_BEFORE.min(fresh.expires_in / 10);
-        *current = Some(Cached {
-            token: fresh.token.clone(),
-            refresh_at: Instant::now() + fresh.expires_in.saturating_sub(margin),
-        });
-        tracing::debug!(
-            expires_in_s = fresh.expires_in.as_secs(),
-            "access token fetched"
-        );
-        Ok(fresh.token)
+        self.current
+            .get(|| async {
+                let fresh = self.source.fetch(&self.client).await?;
+                tracing::debug!(
+                    expires_in_s = fresh.expires_in.as_secs(),
+                    "access token fetched"
+                );
+                Ok((fresh.token, Some(fresh.expires_in)))
+            })
+            .await
     }
 
     /// Forgets `rejected` (a service answered 401 to it), so the next call
     /// fetches a new token. A token fetched meanwhile is kept.
     pub async fn invalidate(&self, rejected: &Secret) {
-        let mut current = self.current.lock().await;
-        if current
-            .as_ref()
-            .is_some_and(|c| c.token.expose() == rejected.expose())
-        {
-            *current = None;
-        }
+        self.current
+            .forget_if(|held| held.expose() == rejected.expose())
+            .await;
     }
 }
 

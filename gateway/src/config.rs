@@ -548,19 +548,15 @@ impl Config {
                     credentials,
                     ..
                 } => {
-                    for (name, value) in [
-                        ("project", project),
-                        ("location", location),
-                        ("dataset", dataset),
-                        ("dicom_store", dicom_store),
-                    ] {
-                        if !is_resource_name(value) {
-                            return Err(located(
-                                at(&[name]),
-                                format!("{name} must be letters, digits, '-', '_' or '.'"),
-                            ));
-                        }
-                    }
+                    resource_names(
+                        &[
+                            ("project", Some(project)),
+                            ("location", Some(location)),
+                            ("dataset", Some(dataset)),
+                            ("dicom_store", Some(dicom_store)),
+                        ],
+                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
+                    )?;
                     match credentials {
                         GcpCredentials::ServiceAccount { key } => Some(
                             resolve_secret(key, env)
@@ -575,14 +571,13 @@ impl Config {
                     credentials,
                     ..
                 } => {
-                    for (name, value) in [("region", region), ("datastore_id", datastore_id)] {
-                        if !is_resource_name(value) {
-                            return Err(located(
-                                at(&[name]),
-                                format!("{name} must be letters, digits, '-', '_' or '.'"),
-                            ));
-                        }
-                    }
+                    resource_names(
+                        &[
+                            ("region", Some(region)),
+                            ("datastore_id", Some(datastore_id)),
+                        ],
+                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
+                    )?;
                     match credentials {
                         AwsCredentialsConfig::Chain => None,
                         AwsCredentialsConfig::Static {
@@ -599,18 +594,14 @@ impl Config {
                     credentials,
                     ..
                 } => {
-                    for (name, value) in [
-                        ("workspace", Some(workspace)),
-                        ("service", Some(service)),
-                        ("partition", partition.as_ref()),
-                    ] {
-                        if value.is_some_and(|v| !is_resource_name(v)) {
-                            return Err(located(
-                                at(&[name]),
-                                format!("{name} must be letters, digits, '-', '_' or '.'"),
-                            ));
-                        }
-                    }
+                    resource_names(
+                        &[
+                            ("workspace", Some(workspace)),
+                            ("service", Some(service)),
+                            ("partition", partition.as_ref()),
+                        ],
+                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
+                    )?;
                     match credentials {
                         AzureCredentials::ClientSecret { secret, .. } => {
                             Some(resolve_secret(secret, env).map_err(|message| {
@@ -766,6 +757,23 @@ fn issuers(
             })
         })
         .collect()
+}
+
+const RESOURCE_NAME_RULE: &str = "must be letters, digits, '-', '_' or '.'";
+
+/// Checks cloud resource names (absent ones pass); the first bad one is
+/// reported through `error(name)`.
+fn resource_names(
+    names: &[(&'static str, Option<&String>)],
+    error: &dyn Fn(&'static str) -> ConfigError,
+) -> Result<(), ConfigError> {
+    match names
+        .iter()
+        .find(|(_, value)| value.is_some_and(|v| !is_resource_name(v)))
+    {
+        Some((name, _)) => Err(error(name)),
+        None => Ok(()),
+    }
 }
 
 /// A cloud resource name: letters, digits, `-`, `_`, `.` (no slashes, so
