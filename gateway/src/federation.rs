@@ -24,7 +24,7 @@ use meshgate_policies::{
 use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
 use meshgate_schema::fhir::MappingOptions;
 use meshgate_schema::{Study, StudyQuery};
-use time::{PrimitiveDateTime, Time};
+use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 
 /// A partner and the connector that reaches it.
@@ -146,12 +146,14 @@ pub struct SortKey {
 
 impl SortKey {
     pub fn of(partner: &str, study: &Study) -> SortKey {
+        SortKey::new(partner, study.uid.clone(), study.date, study.time)
+    }
+
+    pub fn new(partner: &str, uid: String, date: Option<Date>, time: Option<Time>) -> SortKey {
         SortKey {
-            started: study
-                .date
-                .map(|date| PrimitiveDateTime::new(date, study.time.unwrap_or(Time::MIDNIGHT))),
+            started: date.map(|date| PrimitiveDateTime::new(date, time.unwrap_or(Time::MIDNIGHT))),
             partner: partner.to_owned(),
-            uid: study.uid.clone(),
+            uid,
         }
     }
 }
@@ -306,7 +308,10 @@ impl Federation {
                 for (study_index, study) in outcome.studies.iter().enumerate() {
                     // The order and the cursor see only what leaves the partner.
                     let key = match &search.grant.deidentifier {
-                        Some(deid) => SortKey::of(&search.partner.id, &deid.study(study)),
+                        Some(deid) => {
+                            let (uid, date, time) = deid.order_fields(study);
+                            SortKey::new(&search.partner.id, uid, date, time)
+                        }
                         None => SortKey::of(&search.partner.id, study),
                     };
                     if after.is_none_or(|after| key > *after) {

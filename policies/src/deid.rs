@@ -27,7 +27,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use meshgate_schema::fhir::SecurityLabel;
 use meshgate_schema::{Instance, Series, Study};
 use sha2::Sha256;
-use time::Duration;
+use time::{Date, Duration, Time};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -285,6 +285,24 @@ impl Deidentifier {
         }
     }
 
+    /// What the de-identified study's order depends on — its pseudonymous
+    /// UID and its (shifted) date and time — without building the rest.
+    pub fn order_fields(&self, study: &Study) -> (String, Option<Date>, Option<Time>) {
+        let uid = self.uid(&study.uid);
+        if !self
+            .profile
+            .has(DeidOption::RetainLongitudinalModifiedDates)
+        {
+            return (uid, None, None);
+        }
+        let shift = self.day_shift(study);
+        (
+            uid,
+            study.date.and_then(|d| d.checked_add(shift)),
+            study.time,
+        )
+    }
+
     /// How this study's dates were treated.
     pub fn shift_basis(&self, study: &Study) -> ShiftBasis {
         if !self
@@ -519,6 +537,18 @@ mod tests {
         assert!(Profile::parse("basic retain-everything").is_err());
         let both = Profile::with(DeidOption::ALL);
         assert_eq!(both.intersect(&profile), profile);
+    }
+
+    #[test]
+    fn order_fields_are_those_of_the_full_deidentified_study() {
+        for profile in [Profile::basic(), Profile::with(DeidOption::ALL)] {
+            let d = deid("p1", profile);
+            for patient in [Some("MRN1"), None] {
+                let original = study("1.2.3", patient, date!(2020 - 05 - 01));
+                let full = d.study(&original);
+                assert_eq!(d.order_fields(&original), (full.uid, full.date, full.time));
+            }
+        }
     }
 
     #[test]
