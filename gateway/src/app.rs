@@ -32,8 +32,6 @@ use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use meshgate_policies::{Authorizer, PolicyError};
-
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{
     AuthConfig, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
@@ -61,8 +59,6 @@ pub enum StartError {
         partner: String,
         source: ConnectorError,
     },
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
     #[error("cannot build the HTTP client for token keys: {0}")]
     Auth(#[from] reqwest::Error),
 }
@@ -77,12 +73,14 @@ pub struct Gateway {
 /// Builds the connectors, loads the policies and sets up token verification.
 pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
     let federation = federation(loaded).await?;
-    let authorizer = Authorizer::new(&loaded.policies)?;
-    tracing::info!(policies = authorizer.policy_count(), "policies loaded");
+    tracing::info!(
+        policies = loaded.authorizer.policy_count(),
+        "policies loaded"
+    );
     Ok(Gateway {
         services: Services {
             federation,
-            authorizer: Arc::new(authorizer),
+            authorizer: Arc::clone(&loaded.authorizer),
             pseudonym_key: loaded.pseudonym_key.clone(),
         },
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),

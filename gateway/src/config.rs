@@ -9,12 +9,13 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_connectors::Secret;
 use meshgate_connectors::dicomweb::Profile;
 use meshgate_policies::{
-    CountControl, MasterKey, PartnerFacts, PolicyConfig, PolicyFile, ProjectFacts,
+    Authorizer, CountControl, MasterKey, PartnerFacts, PolicyConfig, PolicyFile, ProjectFacts,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -436,7 +437,8 @@ pub struct LoadedConfig {
     pub secrets: ResolvedSecrets,
     pub pseudonym_key: MasterKey,
     pub issuers: Vec<IssuerSettings>,
-    pub policies: PolicyConfig,
+    /// The policies, loaded and validated once.
+    pub authorizer: Arc<Authorizer>,
 }
 
 /// Credentials resolved at load time, per partner index.
@@ -647,18 +649,13 @@ impl Config {
         let pseudonym_key = MasterKey::new(key.expose().as_bytes())
             .map_err(|error| located(key_span, error.to_string()))?;
         let policies = policy_config(&config, base, &located)?;
-        meshgate_policies::Authorizer::new(&policies).map_err(|error| ConfigError {
-            file: error.file.clone(),
-            line: error.line,
-            column: None,
-            message: error.message,
-        })?;
+        let authorizer = Authorizer::new(&policies).map_err(policy_error)?;
         Ok(LoadedConfig {
             config,
             secrets: ResolvedSecrets(secrets),
             pseudonym_key,
             issuers,
-            policies,
+            authorizer: Arc::new(authorizer),
         })
     }
 }

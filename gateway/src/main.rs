@@ -183,13 +183,6 @@ fn policy_test(config: &std::path::Path, cases: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let authorizer = match meshgate_policies::Authorizer::new(&loaded.policies) {
-        Ok(authorizer) => authorizer,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     let files = match meshgate_policies::cases::load(cases) {
         Ok(files) => files,
         Err(error) => {
@@ -201,7 +194,7 @@ fn policy_test(config: &std::path::Path, cases: &std::path::Path) -> ExitCode {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or_default();
-    let results = meshgate_policies::cases::run(&authorizer, &files, now);
+    let results = meshgate_policies::cases::run(&loaded.authorizer, &files, now);
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
     for result in &results {
         match &result.failure {
