@@ -165,9 +165,8 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     let mut stdout = BufReader::new(demo.0.stdout.take().unwrap());
     let mut line = String::new();
     let mut token = None;
-    let mut previous = String::new();
     while !line.contains("listening on") {
-        previous = std::mem::take(&mut line);
+        let previous = std::mem::take(&mut line);
         assert!(stdout.read_line(&mut line).unwrap() > 0, "demo ended early");
         if previous.contains("researcher (") {
             token = Some(line.trim().to_owned());
@@ -239,7 +238,6 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
         demo.0.wait().unwrap().success(),
         "SIGTERM drains and exits 0"
     );
-    drop(previous);
 
     // The example policy cases pass against the demo's configuration.
     let cases = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/cases");

@@ -226,7 +226,7 @@ async fn pseudonyms_are_stable_within_a_project_unlinkable_across_projects_and_k
     // partner's threshold, below which it releases nothing), never by their
     // original ones.
     let wanted: Vec<String> = uids(&first).into_iter().take(12).collect();
-    let (found, statuses, _) = all_pages(
+    let (found, _, _) = all_pages(
         &c.gateway,
         "lung-cancer",
         json!({"partners": ["north"], "studyInstanceUids": wanted}),
@@ -255,7 +255,6 @@ async fn pseudonyms_are_stable_within_a_project_unlinkable_across_projects_and_k
         status(&statuses_by_original, "north")["countDisclosure"],
         "SUPPRESSED"
     );
-    drop(statuses);
 
     let patients = |nodes: &[Value]| -> BTreeSet<String> {
         nodes
