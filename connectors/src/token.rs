@@ -118,6 +118,13 @@ async fn exchange(request: reqwest::RequestBuilder) -> Result<AccessToken, Conne
     if !status.is_success() {
         return Err(ConnectorError::UpstreamStatus(status.as_u16()));
     }
+    // Refuse an announced oversized answer before reading it.
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_TOKEN_RESPONSE as u64)
+    {
+        return Err(ConnectorError::BadResponse);
+    }
     let body = response
         .bytes()
         .await
