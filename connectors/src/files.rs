@@ -253,12 +253,7 @@ impl Connector for FilesConnector {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            native_filters: FilterKind::ALL.to_vec(),
-            paging: PagingStyle::None,
-            max_page_size: None,
-            max_results: None,
-        }
+        Capabilities::declared(FilterKind::ALL.to_vec(), PagingStyle::None, None, None)
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
@@ -276,6 +271,15 @@ impl Connector for FilesConnector {
             studies,
             truncated: false,
         })
+    }
+
+    async fn check(&self) -> Result<Duration, ConnectorError> {
+        let started = std::time::Instant::now();
+        let root = self.snapshot().root.clone();
+        let unreadable = |e: std::io::Error| ConnectorError::Storage(e.kind().to_string());
+        let mut entries = tokio::fs::read_dir(&root).await.map_err(unreadable)?;
+        entries.next_entry().await.map_err(unreadable)?;
+        Ok(started.elapsed())
     }
 
     async fn load_series(&self, studies: &mut [Study]) -> Result<(), ConnectorError> {

@@ -7,13 +7,17 @@
 //!
 //! Where to start reading:
 //! - [`Connector`] and [`ConnectorError`] below: the contract with the gateway;
-//! - [`dicomweb`]: a QIDO-RS client with per-backend profiles (Orthanc, generic);
+//! - [`dicomweb`]: a QIDO-RS client with per-backend profiles (Orthanc, Google
+//!   Cloud, Azure, AWS HealthImaging's DICOMweb API, generic);
+//! - [`healthimaging`]: AWS HealthImaging's native API (image sets,
+//!   grouped into studies);
 //! - [`files`]: a folder of DICOM Part-10 files, indexed by header and kept
 //!   fresh when files change;
 //! - [`token`]: OAuth2 access tokens from cloud credential sources, refreshed
 //!   before they expire.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
@@ -22,6 +26,8 @@ pub mod aws_credentials;
 pub mod dicomweb;
 mod expiring;
 pub mod files;
+pub mod healthimaging;
+mod http;
 mod secret;
 pub mod sigv4;
 pub mod token;
@@ -48,6 +54,12 @@ pub trait Connector: Send + Sync + fmt::Debug {
     /// Every study matching `query` (all of it, not a page: the gateway
     /// merges and pages across partners).
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError>;
+
+    /// Connects with the configured credentials and, where the backend can
+    /// be probed (DICOMweb), measures what it supports: from then on the
+    /// measured capabilities, not assumed ones, drive push-down. Returns
+    /// the round trip of the first request (the partner's latency).
+    async fn check(&self) -> Result<Duration, ConnectorError>;
 
     /// Fills in series and instances of the given studies, which came from
     /// this connector's [`Connector::search`].
@@ -76,6 +88,10 @@ pub enum ConnectorError {
     /// The partner's store kept throttling requests (HTTP 429).
     #[error("the partner's store is throttling requests (HTTP 429); try again later")]
     Throttled,
+    /// The partner's store (data store, DICOM store, partition) does not
+    /// exist at the configured address (HTTP 404).
+    #[error("the partner's store was not found at the configured address (HTTP 404)")]
+    StoreNotFound,
     /// The partner's store answered with an error status.
     #[error("the partner's store answered HTTP {0}")]
     UpstreamStatus(u16),
@@ -97,6 +113,7 @@ impl ConnectorError {
             ConnectorError::Unreachable(_) => "PARTNER_UNREACHABLE",
             ConnectorError::Unauthorized(_) => "PARTNER_AUTH_FAILED",
             ConnectorError::Throttled => "PARTNER_THROTTLED",
+            ConnectorError::StoreNotFound => "PARTNER_STORE_NOT_FOUND",
             ConnectorError::UpstreamStatus(_) => "PARTNER_HTTP_ERROR",
             ConnectorError::BadResponse => "PARTNER_BAD_RESPONSE",
             ConnectorError::Storage(_) => "PARTNER_STORAGE_ERROR",
@@ -120,9 +137,12 @@ impl ConnectorError {
         }
     }
 
-    /// Whether the partner could not be reached at all (vs. answered wrongly).
+    /// Whether the partner could not serve the query now (vs. answered
+    /// wrongly): unreachable, overloaded, or throttling meshgate.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ConnectorError::Unreachable(_))
-            || matches!(self, ConnectorError::UpstreamStatus(502..=504))
+        matches!(
+            self,
+            ConnectorError::Unreachable(_) | ConnectorError::Throttled
+        ) || matches!(self, ConnectorError::UpstreamStatus(502..=504))
     }
 }

@@ -262,6 +262,8 @@ async fn server_errors_garbage_and_dead_hosts_become_typed_errors_without_upstre
         (Quirk::Status(500), "PARTNER_HTTP_ERROR", true),
         (Quirk::Status(503), "PARTNER_HTTP_ERROR", true),
         (Quirk::Status(400), "PARTNER_HTTP_ERROR", false),
+        // A store (or partition) that is not there.
+        (Quirk::Status(404), "PARTNER_STORE_NOT_FOUND", false),
         (Quirk::Garbage, "PARTNER_BAD_RESPONSE", false),
         // Throttled on every try (backing off 0.2, 0.4, 0.8 s without Retry-After).
         (Quirk::Status(429), "PARTNER_THROTTLED", true),

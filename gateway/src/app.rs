@@ -20,6 +20,7 @@ use meshgate_connectors::aws_credentials::{
 };
 use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings, Profile};
 use meshgate_connectors::files::FilesConnector;
+use meshgate_connectors::healthimaging::{self, HealthImagingConnector, HealthImagingSettings};
 use meshgate_connectors::sigv4::{AwsCredentials, HEALTHIMAGING_SERVICE};
 use meshgate_connectors::token::{
     AZURE_DICOM_RESOURCE, AZURE_DICOM_SCOPE, AZURE_IMDS_TOKEN_URL, ClientCredentials, ClientProof,
@@ -34,7 +35,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{
-    AuthConfig, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
+    AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
     LoadedConfig, parse_utc_offset,
 };
 use crate::federation::{Federation, Partner};
@@ -63,6 +64,9 @@ pub enum StartError {
     Auth(#[from] reqwest::Error),
 }
 
+/// How long start-up waits for each partner's capability probe.
+pub const STARTUP_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything a running gateway is made of.
 #[derive(Debug, Clone)]
 pub struct Gateway {
@@ -73,6 +77,24 @@ pub struct Gateway {
 /// Builds the connectors, loads the policies and sets up token verification.
 pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
     let federation = federation(loaded).await?;
+    // Probe every partner before serving, so that measured capabilities
+    // drive push-down from the first query. A partner that cannot be
+    // checked now is still served, on its profile's assumptions.
+    for check in federation.check(STARTUP_CHECK_TIMEOUT).await {
+        match &check.outcome {
+            Ok(latency) => tracing::info!(
+                partner = %check.partner.id,
+                latency_ms = latency.as_millis() as u64,
+                measured = check.partner.connector.capabilities().measured,
+                "partner checked"
+            ),
+            Err(failure) => tracing::warn!(
+                partner = %check.partner.id,
+                code = failure.code(),
+                "partner could not be checked; using its profile's assumed capabilities"
+            ),
+        }
+    }
     tracing::info!(
         policies = loaded.authorizer.policy_count(),
         "policies loaded"
@@ -144,14 +166,11 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             ConnectorConfig::Aws {
                 region,
                 datastore_id,
+                api,
                 credentials,
                 endpoint,
                 page_size,
             } => {
-                let root = endpoint.clone().unwrap_or_else(|| {
-                    format!("https://dicom-medical-imaging.{region}.amazonaws.com")
-                });
-                let base = format!("{}/datastore/{datastore_id}/", root.trim_end_matches('/'));
                 let chain: Vec<Box<dyn AwsCredentialSource>> = match credentials {
                     AwsCredentialsConfig::Chain => default_chain(
                         Arc::new(ProcessAwsEnvironment),
@@ -169,28 +188,58 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                         }))]
                     }
                 };
-                let base_url = meshgate_connectors::dicomweb::Url::parse(&base).map_err(|_| {
+                let credentials = Arc::new(AwsCredentialProvider::new(chain).map_err(failed)?);
+                let invalid_url = || {
                     failed(ConnectorError::Config(
                         "the service URL is not valid".into(),
                     ))
-                })?;
-                Arc::new(
-                    DicomWebConnector::new(DicomWebSettings {
-                        base_url,
-                        profile: Profile::Aws,
-                        auth: Auth::SigV4 {
-                            credentials: Arc::new(
-                                AwsCredentialProvider::new(chain).map_err(failed)?,
-                            ),
-                            region: region.clone(),
-                            service: HEALTHIMAGING_SERVICE,
-                        },
-                        page_size: *page_size,
-                        detail_concurrency: 8,
-                        max_results: None,
-                    })
-                    .map_err(failed)?,
-                )
+                };
+                match api {
+                    AwsApi::Dicomweb => {
+                        let root = endpoint.clone().unwrap_or_else(|| {
+                            format!("https://dicom-medical-imaging.{region}.amazonaws.com")
+                        });
+                        let base =
+                            format!("{}/datastore/{datastore_id}/", root.trim_end_matches('/'));
+                        let base_url = meshgate_connectors::dicomweb::Url::parse(&base)
+                            .map_err(|_| invalid_url())?;
+                        Arc::new(
+                            DicomWebConnector::new(DicomWebSettings {
+                                base_url,
+                                profile: Profile::Aws,
+                                auth: Auth::SigV4 {
+                                    credentials,
+                                    region: region.clone(),
+                                    service: HEALTHIMAGING_SERVICE,
+                                },
+                                page_size: *page_size,
+                                detail_concurrency: 8,
+                                max_results: None,
+                            })
+                            .map_err(failed)?,
+                        )
+                    }
+                    AwsApi::Native => {
+                        let root = endpoint
+                            .clone()
+                            .unwrap_or_else(|| healthimaging::default_endpoint(region));
+                        let endpoint = meshgate_connectors::dicomweb::Url::parse(&format!(
+                            "{}/",
+                            root.trim_end_matches('/')
+                        ))
+                        .map_err(|_| invalid_url())?;
+                        Arc::new(
+                            HealthImagingConnector::new(HealthImagingSettings {
+                                endpoint,
+                                region: region.clone(),
+                                datastore_id: datastore_id.clone(),
+                                credentials,
+                                detail_concurrency: 8,
+                            })
+                            .map_err(failed)?,
+                        )
+                    }
+                }
             }
             ConnectorConfig::Azure {
                 workspace,

@@ -266,16 +266,23 @@ pub enum ConnectorConfig {
         #[serde(default)]
         page_size: Option<u32>,
     },
-    /// An AWS HealthImaging data store, through its DICOMweb API.
+    /// An AWS HealthImaging data store, through its DICOMweb API or its
+    /// native API.
     Aws {
         region: String,
         datastore_id: String,
+        /// Which of the data store's APIs to use.
+        #[serde(default)]
+        api: AwsApi,
         #[serde(default)]
         credentials: AwsCredentialsConfig,
         /// The service URL; default
-        /// `https://dicom-medical-imaging.{region}.amazonaws.com`.
+        /// `https://dicom-medical-imaging.{region}.amazonaws.com` (DICOMweb)
+        /// or `https://runtime-medical-imaging.{region}.amazonaws.com`
+        /// (native).
         #[serde(default)]
         endpoint: Option<String>,
+        /// DICOMweb only: the native API's pages are 50 image sets.
         #[serde(default)]
         page_size: Option<u32>,
     },
@@ -294,6 +301,19 @@ pub enum ConnectorConfig {
         #[serde(default)]
         page_size: Option<u32>,
     },
+}
+
+/// Which AWS HealthImaging API a partner is reached through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AwsApi {
+    /// The DICOMweb (QIDO-RS) API: studies directly, at most 10,000
+    /// records per search.
+    #[default]
+    Dicomweb,
+    /// The native API: `SearchImageSets` and `GetImageSetMetadata`, image
+    /// sets grouped into studies, no result cap.
+    Native,
 }
 
 /// Where an AWS partner's credentials come from.

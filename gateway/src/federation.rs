@@ -39,6 +39,53 @@ pub struct Partner {
     pub control: CountControl,
 }
 
+/// How one partner answered a connection check.
+#[derive(Debug)]
+pub struct PartnerCheck {
+    pub partner: Arc<Partner>,
+    /// The partner's latency, or why it could not be checked.
+    pub outcome: Result<Duration, CheckFailure>,
+}
+
+/// Why a partner's check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailure {
+    #[error("no answer within the check's time limit")]
+    TimedOut,
+    #[error(transparent)]
+    Failed(ConnectorError),
+}
+
+impl CheckFailure {
+    /// A stable code, as partner statuses use.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CheckFailure::TimedOut => "PARTNER_TIMEOUT",
+            CheckFailure::Failed(error) => error.code(),
+        }
+    }
+}
+
+impl PartnerCheck {
+    /// Whether the partner's store answered at all.
+    pub fn reachable(&self) -> bool {
+        !matches!(
+            &self.outcome,
+            Err(CheckFailure::TimedOut | CheckFailure::Failed(ConnectorError::Unreachable(_)))
+        )
+    }
+
+    /// Whether the store accepted meshgate's credentials: `None` when the
+    /// check ended before that could be told.
+    pub fn authenticated(&self) -> Option<bool> {
+        match &self.outcome {
+            Ok(_) => Some(true),
+            Err(CheckFailure::Failed(ConnectorError::Unauthorized(_))) => Some(false),
+            Err(_) => None,
+        }
+    }
+}
+
 /// What the policies decided for one partner in one query.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -203,6 +250,24 @@ impl Federation {
 
     pub fn partners(&self) -> &[Arc<Partner>] {
         &self.partners
+    }
+
+    /// Connects to every partner at once and probes what it supports (see
+    /// [`Connector::check`]), each within `timeout`. The measured
+    /// capabilities are kept by the connectors and drive push-down.
+    pub async fn check(&self, timeout: Duration) -> Vec<PartnerCheck> {
+        join_all(self.partners.iter().map(|partner| async move {
+            let outcome = match tokio::time::timeout(timeout, partner.connector.check()).await {
+                Ok(Ok(latency)) => Ok(latency),
+                Ok(Err(error)) => Err(CheckFailure::Failed(error)),
+                Err(_) => Err(CheckFailure::TimedOut),
+            };
+            PartnerCheck {
+                partner: Arc::clone(partner),
+                outcome,
+            }
+        }))
+        .await
     }
 
     /// The partners a query asks: those it names, or all.

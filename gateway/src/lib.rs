@@ -22,6 +22,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod checks;
 pub mod config;
 pub mod cursor;
 pub mod demo;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -72,6 +72,26 @@ enum Command {
     },
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Partner tools.
+    Partners {
+        #[command(subcommand)]
+        command: PartnersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PartnersCommand {
+    /// Connect to every configured partner, probe what it supports, and
+    /// print a table: reachable, authenticated, latency, capabilities.
+    /// Exit code 1 when a partner fails its check, 2 when the
+    /// configuration is invalid.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// How long to wait for each partner.
+        #[arg(long, default_value_t = 20)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +173,13 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Test { config, cases },
         } => policy_test(&config, &cases),
+        Command::Partners {
+            command:
+                PartnersCommand::Check {
+                    config,
+                    timeout_seconds,
+                },
+        } => run_to_exit(partners_check(config, Duration::from_secs(timeout_seconds))),
         Command::DevIssuer {
             claims,
             ttl_seconds,
@@ -172,6 +199,30 @@ fn main() -> ExitCode {
             listen,
             studies,
         } => block_on(run_demo(data, listen, studies)),
+    }
+}
+
+async fn partners_check(config: PathBuf, timeout: Duration) -> ExitCode {
+    let loaded = match Config::load(&config, &ProcessEnvironment) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let federation = match meshgate_gateway::federation(&loaded).await {
+        Ok(federation) => federation,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let checks = federation.check(timeout).await;
+    print!("{}", meshgate_gateway::checks::table(&checks));
+    if checks.iter().all(|check| check.outcome.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -219,20 +270,25 @@ fn policy_test(config: &std::path::Path, cases: &std::path::Path) -> ExitCode {
 }
 
 fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    run_to_exit(async {
+        match task.await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn run_to_exit(task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => runtime.block_on(task),
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(task) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

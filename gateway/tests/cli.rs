@@ -281,3 +281,59 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn partners_check_prints_a_row_per_partner_and_exits_1_when_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = valid_config(dir.path());
+    let folder = dir.path().join("archive");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("README"), "not DICOM").unwrap();
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "path = \"/data\"",
+        &format!("path = {:?}", folder.display().to_string()),
+    );
+    std::fs::write(&file, &text).unwrap();
+    let check = |file: &std::path::Path| {
+        let output = meshgate()
+            .args(["partners", "check", "--timeout-seconds", "5", "--config"])
+            .arg(file)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (code, table) = check(&file);
+    assert_eq!(code, Some(0), "{table}");
+    let north = table.lines().find(|l| l.starts_with("north")).unwrap();
+    assert!(
+        north.contains("files") && north.contains("yes") && north.contains("OK"),
+        "{table}"
+    );
+    assert!(north.contains("declared"), "{table}");
+
+    std::fs::write(
+        &file,
+        format!(
+            "{text}\n[[partners]]\nid = \"gone\"\nname = \"Gone\"\ninstitution = \"gone\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"dicomweb\", url = \"http://127.0.0.1:{dead_port}/dicom-web/\" }}\n"
+        ),
+    )
+    .unwrap();
+    let (code, table) = check(&file);
+    assert_eq!(code, Some(1), "{table}");
+    assert!(table.starts_with("PARTNER"), "{table}");
+    let gone = table.lines().find(|l| l.starts_with("gone")).unwrap();
+    let cells: Vec<&str> = gone.split_whitespace().collect();
+    assert_eq!(
+        &cells[..6],
+        ["gone", "dicomweb", "no", "?", "-", "PARTNER_UNREACHABLE"],
+        "{table}"
+    );
+}

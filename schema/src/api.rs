@@ -83,6 +83,8 @@ pub enum ConnectorKind {
     Files,
     /// A DICOMweb (QIDO-RS) service.
     Dicomweb,
+    /// An AWS HealthImaging data store, through its native API.
+    HealthImaging,
 }
 
 /// How one partner's part of a query ended.

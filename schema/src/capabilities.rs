@@ -35,6 +35,9 @@ pub enum PagingStyle {
     None,
     /// `limit` / `offset` query parameters (QIDO-RS).
     LimitOffset,
+    /// An opaque token from each page that asks for the next
+    /// (AWS HealthImaging `nextToken`).
+    NextToken,
 }
 
 /// What a connector's backend can do itself; everything else the connector
@@ -49,4 +52,61 @@ pub struct Capabilities {
     /// The most results the backend returns for one query, if it caps them;
     /// hitting the cap makes the partner's status TRUNCATED.
     pub max_results: Option<u32>,
+    /// Whether the above were measured by probing the backend (DICOMweb),
+    /// rather than declared by the connector kind and profile.
+    pub measured: bool,
+    /// What the last probe found, feature by feature (empty if never probed).
+    pub probe: Vec<ProbeFinding>,
+}
+
+impl Capabilities {
+    /// Capabilities declared by a connector that is not probed.
+    pub fn declared(
+        native_filters: Vec<FilterKind>,
+        paging: PagingStyle,
+        max_page_size: Option<u32>,
+        max_results: Option<u32>,
+    ) -> Capabilities {
+        Capabilities {
+            native_filters,
+            paging,
+            max_page_size,
+            max_results,
+            measured: false,
+            probe: Vec::new(),
+        }
+    }
+}
+
+/// A QIDO-RS behaviour the capability probe measures.
+#[derive(
+    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize,
+)]
+pub enum ProbedFeature {
+    /// `limit` caps the rows returned.
+    Limit,
+    /// `offset` skips rows (paging works).
+    Offset,
+    /// `*text*` matches StudyDescription case-insensitively.
+    Wildcard,
+    /// `StudyInstanceUID=a,b` matches either UID.
+    UidLists,
+    /// How "no matches" is answered: supported = `204 No Content`,
+    /// not supported = `200` with `[]`.
+    EmptyResultNoContent,
+    /// `ModalitiesInStudy` filters at study level.
+    StudyLevelModality,
+    /// `ModalitiesInStudy=A,B` matches either modality.
+    ModalityLists,
+    /// `ModalitiesInStudy` combined with `offset` returns later pages.
+    ModalityPaging,
+}
+
+/// What the probe found for one feature.
+#[derive(async_graphql::SimpleObject, Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeFinding {
+    pub feature: ProbedFeature,
+    /// `null` when the store holds too little to tell; the profile's
+    /// assumption is then used.
+    pub supported: Option<bool>,
 }

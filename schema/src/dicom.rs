@@ -93,6 +93,84 @@ impl DicomAttributes for serde_json::Map<String, Value> {
     }
 }
 
+/// The keyword of each attribute in [`tags`], as keyword-keyed JSON (AWS
+/// HealthImaging image set metadata) names it.
+const KEYWORDS: &[(Tag, &str)] = &[
+    (tags::SOP_CLASS_UID, "SOPClassUID"),
+    (tags::SOP_INSTANCE_UID, "SOPInstanceUID"),
+    (tags::STUDY_DATE, "StudyDate"),
+    (tags::SERIES_DATE, "SeriesDate"),
+    (tags::STUDY_TIME, "StudyTime"),
+    (tags::SERIES_TIME, "SeriesTime"),
+    (tags::ACCESSION_NUMBER, "AccessionNumber"),
+    (tags::MODALITY, "Modality"),
+    (tags::MODALITIES_IN_STUDY, "ModalitiesInStudy"),
+    (tags::MANUFACTURER, "Manufacturer"),
+    (tags::TIMEZONE_OFFSET_FROM_UTC, "TimezoneOffsetFromUTC"),
+    (tags::STUDY_DESCRIPTION, "StudyDescription"),
+    (tags::SERIES_DESCRIPTION, "SeriesDescription"),
+    (tags::MANUFACTURER_MODEL_NAME, "ManufacturerModelName"),
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+    (tags::PATIENT_SEX, "PatientSex"),
+    (tags::PATIENT_AGE, "PatientAge"),
+    (tags::BODY_PART_EXAMINED, "BodyPartExamined"),
+    (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
+    (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
+    (tags::STUDY_ID, "StudyID"),
+    (tags::SERIES_NUMBER, "SeriesNumber"),
+    (tags::INSTANCE_NUMBER, "InstanceNumber"),
+    (tags::LATERALITY, "Laterality"),
+    (
+        tags::NUMBER_OF_STUDY_RELATED_SERIES,
+        "NumberOfStudyRelatedSeries",
+    ),
+    (
+        tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+        "NumberOfStudyRelatedInstances",
+    ),
+    (
+        tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+        "NumberOfSeriesRelatedInstances",
+    ),
+];
+
+/// The keyword of an attribute meshgate reads, e.g. `StudyInstanceUID`.
+pub fn keyword(tag: Tag) -> Option<&'static str> {
+    KEYWORDS
+        .iter()
+        .find(|(known, _)| *known == tag)
+        .map(|(_, keyword)| *keyword)
+}
+
+/// A keyword-keyed JSON object, as AWS HealthImaging writes image set
+/// metadata: `{"StudyInstanceUID": "1.2.3", "SeriesNumber": 2, …}`. Values
+/// are strings, numbers, or arrays of them (multi-valued attributes).
+#[derive(Debug, Clone, Copy)]
+pub struct KeywordJson<'a>(pub &'a serde_json::Map<String, Value>);
+
+impl DicomAttributes for KeywordJson<'_> {
+    fn texts(&self, tag: Tag) -> Vec<String> {
+        let Some(value) = keyword(tag).and_then(|keyword| self.0.get(keyword)) else {
+            return Vec::new();
+        };
+        let values = match value {
+            Value::Array(values) => values.iter().collect(),
+            value => vec![value],
+        };
+        values
+            .into_iter()
+            .filter_map(|value| match value {
+                Value::String(text) => Some(text.trim().to_owned()),
+                Value::Number(number) => Some(number.to_string()),
+                _ => None,
+            })
+            .filter(|text| !text.is_empty())
+            .collect()
+    }
+}
+
 /// Parses a DICOM DA value (`YYYYMMDD`; the old `YYYY.MM.DD` form too).
 pub fn parse_date(value: &str) -> Option<Date> {
     let digits: String = value.chars().filter(char::is_ascii_digit).collect();

@@ -68,6 +68,7 @@ struct Inner {
     requests: AtomicU32,
     throttled: AtomicU32,
     refused: AtomicU32,
+    rows: AtomicU32,
 }
 
 /// A running stand-in.
@@ -103,6 +104,7 @@ impl CloudStandIn {
             requests: AtomicU32::new(0),
             throttled: AtomicU32::new(0),
             refused: AtomicU32::new(0),
+            rows: AtomicU32::new(0),
         });
         let app = Router::new()
             .route("/computeMetadata/v1/token", get(metadata_token))
@@ -135,6 +137,11 @@ impl CloudStandIn {
     /// Requests answered 429.
     pub fn throttled(&self) -> u32 {
         self.inner.throttled.load(Ordering::SeqCst)
+    }
+
+    /// DICOM JSON rows sent (studies, series and instances).
+    pub fn rows(&self) -> u32 {
+        self.inner.rows.load(Ordering::SeqCst)
     }
 
     /// Requests refused for a missing, unknown or expired token.
@@ -247,7 +254,7 @@ async fn aws_dicomweb(
     if !matches!(inner.cloud, Cloud::Aws { .. }) || id != AWS_DATASTORE {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if !sigv4_valid(&inner.client_secret, &uri, &headers) {
+    if !sigv4_valid(&inner.client_secret, "GET", &uri, &headers, b"") {
         inner.requests.fetch_add(1, Ordering::SeqCst);
         inner.refused.fetch_add(1, Ordering::SeqCst);
         return StatusCode::FORBIDDEN.into_response();
@@ -257,7 +264,13 @@ async fn aws_dicomweb(
 
 /// Checks a SigV4 `Authorization` header with AWS's own implementation:
 /// the same key, scope, time and signed headers must give the same signature.
-fn sigv4_valid(secret: &str, uri: &axum::http::Uri, headers: &HeaderMap) -> bool {
+pub(crate) fn sigv4_valid(
+    secret: &str,
+    method: &str,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> bool {
     use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let Some(authorization) = text("authorization") else {
@@ -321,10 +334,10 @@ fn sigv4_valid(secret: &str, uri: &axum::http::Uri, headers: &HeaderMap) -> bool
         return false;
     };
     let Ok(request) = SignableRequest::new(
-        "GET",
+        method,
         url.as_str(),
         signed_headers.into_iter(),
-        SignableBody::Bytes(b""),
+        SignableBody::Bytes(body),
     ) else {
         return false;
     };
@@ -399,6 +412,10 @@ async fn dicomweb(
         _ => usize::MAX,
     };
     let page: Vec<Value> = rows.into_iter().take(cap).skip(start).take(limit).collect();
+    inner.rows.fetch_add(
+        u32::try_from(page.len()).unwrap_or(u32::MAX),
+        Ordering::SeqCst,
+    );
     if page.is_empty() && inner.cloud == Cloud::Azure {
         return StatusCode::NO_CONTENT.into_response();
     }

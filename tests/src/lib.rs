@@ -15,6 +15,7 @@
 )]
 
 pub mod cloud;
+pub mod healthimaging;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

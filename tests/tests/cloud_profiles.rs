@@ -12,16 +12,20 @@
     reason = "tests fail loudly"
 )]
 
+use std::path::Path;
 use std::time::Duration;
 
+use meshgate_gateway::synth::ManifestRow;
 use meshgate_tests::cloud::{
     AWS_ACCESS_KEY_ID, AWS_DATASTORE, AWS_REGION, AZURE_CLIENT_ID, AZURE_PARTITION, AZURE_TENANT,
     Cloud, CloudStandIn,
 };
+use meshgate_tests::healthimaging::HealthImagingStandIn;
 use meshgate_tests::{
     Gateway, GroundTruth, Orthanc, SyntheticPartner,
-    cohort_counts_and_every_page_equal_the_ground_truth,
+    cohort_counts_and_every_page_equal_the_ground_truth, walk,
 };
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cloud_profiles_answer_the_cohort_cases_like_the_ground_truth() {
@@ -116,6 +120,27 @@ credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_
     cohort_counts_and_every_page_equal_the_ground_truth(&gateway, &truth, ["google", "azure"])
         .await;
 
+    // The start-up probe measured each service, through its auth: Azure
+    // answers "no matches" with 204, the others with `[]`.
+    let data = gateway
+        .query(
+            "{ partners { id capabilities { measured probe { feature supported } } } }",
+            json!({}),
+        )
+        .await;
+    for partner in data["partners"].as_array().unwrap() {
+        let capabilities = &partner["capabilities"];
+        assert_eq!(capabilities["measured"], true, "{partner}");
+        let no_content = capabilities["probe"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["feature"] == "EMPTY_RESULT_NO_CONTENT")
+            .unwrap()["supported"]
+            .clone();
+        assert_eq!(no_content, json!(partner["id"] == "azure"), "{partner}");
+    }
+
     assert_eq!(amazon.refused(), 0, "every SigV4 signature verified");
     assert!(amazon.requests() > 0);
     // The stand-in does refuse what AWS would: a signature made with the
@@ -165,4 +190,149 @@ credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_
             cloud.refused()
         );
     }
+}
+
+/// A native HealthImaging partner's `[[partners]]` table.
+fn healthimaging_partner(
+    id: &str,
+    stand_in: &HealthImagingStandIn,
+    datastore: &str,
+    secret: &Path,
+) -> String {
+    format!(
+        r#"
+[[partners]]
+id = "{id}"
+name = "{id}"
+utc_offset = "+01:00"
+deadline_ms = 20000
+[partners.connector]
+kind = "aws"
+api = "native"
+region = "{AWS_REGION}"
+datastore_id = "{datastore}"
+endpoint = "{root}"
+credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_access_key = "${{file:{secret}}}" }}
+"#,
+        root = stand_in.root,
+        secret = secret.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthimaging_native_api_answers_the_cohort_cases_like_the_ground_truth() {
+    let harbour_data = SyntheticPartner::new("harbour", 60, 31);
+    let meadow_data = SyntheticPartner::new("meadow", 45, 32);
+    let mut truth = GroundTruth::default();
+    truth.add(&harbour_data);
+    truth.add(&meadow_data);
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("aws-secret-access-key");
+    std::fs::write(&secret, "aws-test-secret-access-key\n").unwrap();
+    let key = "aws-test-secret-access-key";
+    let harbour = HealthImagingStandIn::start(&harbour_data.dicom_dir(), key, 29).await;
+    let meadow = HealthImagingStandIn::start(&meadow_data.dicom_dir(), key, 31).await;
+    assert!(harbour.split_studies() >= 5, "some studies span image sets");
+    let config = [
+        healthimaging_partner("harbour", &harbour, AWS_DATASTORE, &secret),
+        healthimaging_partner("meadow", &meadow, AWS_DATASTORE, &secret),
+    ]
+    .concat();
+    let gateway = Gateway::start(&config).await;
+    cohort_counts_and_every_page_equal_the_ground_truth(&gateway, &truth, ["harbour", "meadow"])
+        .await;
+    // Series come from the image sets' metadata, all parts of a split study.
+    let (_, resources) = walk(&gateway, &json!({}), 200).await;
+    let by_uid: std::collections::HashMap<&str, &ManifestRow> = truth
+        .rows()
+        .map(|(_, row)| (row.study_uid.as_str(), row))
+        .collect();
+    for resource in &resources {
+        let uid = resource["identifier"][0]["value"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("urn:oid:");
+        let row = by_uid[uid];
+        assert_eq!(resource["numberOfSeries"], row.number_of_series, "{uid}");
+        assert_eq!(
+            resource["numberOfInstances"], row.number_of_instances,
+            "{uid}"
+        );
+    }
+    for (name, stand_in) in [("harbour", &harbour), ("meadow", &meadow)] {
+        assert_eq!(
+            stand_in.refused(),
+            0,
+            "{name}: every SigV4 signature verified"
+        );
+        assert!(stand_in.throttled() > 0, "{name}: throttling was answered");
+        println!(
+            "{name}: {} image sets ({} studies split), {} requests: {} searches, {} metadata reads, {} throttled",
+            stand_in.image_sets(),
+            stand_in.split_studies(),
+            stand_in.requests(),
+            stand_in.searches(),
+            stand_in.metadata_reads(),
+            stand_in.throttled()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_stores_refused_credentials_and_throttling_are_told_apart() {
+    let data = SyntheticPartner::new("ridge", 12, 33);
+    let key = "aws-test-secret-access-key";
+    let secret_dir = tempfile::tempdir().unwrap();
+    let right = secret_dir.path().join("right");
+    std::fs::write(&right, key).unwrap();
+    let wrong = secret_dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-secret").unwrap();
+    let healthy = HealthImagingStandIn::start(&data.dicom_dir(), key, 1000).await;
+    let always_throttled = HealthImagingStandIn::start(&data.dicom_dir(), key, 1).await;
+    let config = [
+        healthimaging_partner("ridge", &healthy, AWS_DATASTORE, &right),
+        healthimaging_partner(
+            "moved",
+            &healthy,
+            "fedcba9876543210fedcba9876543210",
+            &right,
+        ),
+        healthimaging_partner("locked", &healthy, AWS_DATASTORE, &wrong),
+        healthimaging_partner("busy", &always_throttled, AWS_DATASTORE, &right),
+    ]
+    .concat();
+    let gateway = Gateway::start(&config).await;
+    let throttled_before = always_throttled.throttled();
+    let data = gateway
+        .query(
+            r#"query { cohortCount(project: "ground-truth") { total complete partners { partner status code } } }"#,
+            json!({}),
+        )
+        .await;
+    let statuses: Vec<(String, String, Value)> = data["cohortCount"]["partners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partner"].as_str().unwrap().to_owned(),
+                p["status"].as_str().unwrap().to_owned(),
+                p["code"].clone(),
+            )
+        })
+        .collect();
+    let expect = |partner: &str, status: &str, code: Value| {
+        assert!(
+            statuses.contains(&(partner.to_owned(), status.to_owned(), code.clone())),
+            "{partner}: expected {status} {code} in {statuses:?}"
+        );
+    };
+    expect("ridge", "OK", Value::Null);
+    expect("moved", "ERROR", json!("PARTNER_STORE_NOT_FOUND"));
+    expect("locked", "ERROR", json!("PARTNER_AUTH_FAILED"));
+    expect("busy", "UNAVAILABLE", json!("PARTNER_THROTTLED"));
+    assert_eq!(data["cohortCount"]["total"], 12);
+    assert_eq!(data["cohortCount"]["complete"], false);
+    // Throttled requests were tried again a few times, then given up on.
+    assert_eq!(always_throttled.throttled() - throttled_before, 4);
 }

@@ -15,7 +15,7 @@ use meshgate_tests::{
     cohort_counts_and_every_page_equal_the_ground_truth, files_partner, validate_imaging_studies,
     walk,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use time::macros::date;
 
 struct Consortium {
@@ -216,14 +216,51 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
 async fn partners_are_listed_with_their_connector_capabilities(c: &Consortium) {
     let data = c
         .gateway
-        .query("{ partners { id name connectorKind capabilities { nativeFilters paging maxPageSize } } }", json!({}))
+        .query(
+            "{ partners { id name connectorKind capabilities { nativeFilters paging maxPageSize measured probe { feature supported } } } }",
+            json!({}),
+        )
         .await;
     let partners = data["partners"].as_array().unwrap();
     let ids: Vec<&str> = partners.iter().map(|p| p["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["north", "south", "east", "west"]);
     assert_eq!(partners[0]["connectorKind"], "DICOMWEB");
     assert_eq!(partners[0]["capabilities"]["paging"], "LIMIT_OFFSET");
+    // Orthanc's behaviour, as measured by the start-up probe: everything a
+    // cohort search needs, except paging ModalitiesInStudy (its DICOMweb
+    // plugin returns nothing past the first page), which is therefore asked
+    // at series level; "no matches" is `200 []`, not `204`.
+    for orthanc in &partners[..3] {
+        let capabilities = &orthanc["capabilities"];
+        assert_eq!(capabilities["measured"], true, "{orthanc}");
+        let found: Vec<(String, Value)> = capabilities["probe"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["feature"].as_str().unwrap().to_owned(),
+                    f["supported"].clone(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, Value)> = [
+            ("LIMIT", true),
+            ("OFFSET", true),
+            ("WILDCARD", true),
+            ("UID_LISTS", true),
+            ("EMPTY_RESULT_NO_CONTENT", false),
+            ("STUDY_LEVEL_MODALITY", true),
+            ("MODALITY_LISTS", true),
+            ("MODALITY_PAGING", false),
+        ]
+        .into_iter()
+        .map(|(f, s)| (f.to_owned(), Value::Bool(s)))
+        .collect();
+        assert_eq!(found, expected, "{}", orthanc["id"]);
+    }
     assert_eq!(partners[3]["connectorKind"], "FILES");
+    assert_eq!(partners[3]["capabilities"]["measured"], false);
     assert_eq!(
         partners[3]["capabilities"]["nativeFilters"]
             .as_array()

@@ -6,10 +6,11 @@
 //! more — never trusting a short page to mean the end, since some backends
 //! cap pages silently. Backend differences live in [`Profile`].
 
+mod probe;
 mod profile;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,9 +24,8 @@ use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
 use crate::aws_credentials::AwsCredentialProvider;
-use crate::sigv4::{self, Scope};
 use crate::token::TokenProvider;
-use crate::{Connector, ConnectorError, SearchOutcome, Secret};
+use crate::{Connector, ConnectorError, SearchOutcome, Secret, http};
 pub use profile::Profile;
 pub use reqwest::Url;
 
@@ -77,6 +77,8 @@ pub struct DicomWebConnector {
     settings: DicomWebSettings,
     client: reqwest::Client,
     page_size: u32,
+    /// What the last capability probe measured, if one ran.
+    measured: RwLock<Option<probe::Measured>>,
 }
 
 /// The study-level attributes asked for beyond the QIDO-RS defaults.
@@ -137,7 +139,52 @@ impl DicomWebConnector {
             settings,
             client,
             page_size,
+            measured: RwLock::new(None),
         })
+    }
+
+    fn measured(&self) -> probe::Measured {
+        self.measured
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_default()
+    }
+
+    /// Whether `StudyInstanceUID=a,b` may be sent (assumed until probed).
+    fn uid_lists(&self) -> bool {
+        self.measured().uid_lists.unwrap_or(true)
+    }
+
+    /// Whether `offset` pages (assumed until probed).
+    fn offset_pages(&self) -> bool {
+        self.measured().offset.unwrap_or(true)
+    }
+
+    /// A StudyDescription value matching descriptions containing `needle`,
+    /// when the backend matches wildcards case-insensitively.
+    fn contains_pattern(&self, needle: &str) -> Option<String> {
+        let profile = self.settings.profile;
+        match self.measured().wildcard {
+            Some(true) => Some(format!("*{}*", profile.exact_pattern(needle))),
+            Some(false) => None,
+            None => profile.contains_pattern(needle),
+        }
+    }
+
+    /// Whether `ModalitiesInStudy` can be asked at study level and paged.
+    fn pages_modalities_in_study(&self) -> bool {
+        let measured = self.measured();
+        measured.study_modality != Some(false)
+            && measured
+                .modality_paging
+                .unwrap_or(self.settings.profile.pages_modalities_in_study())
+    }
+
+    /// Whether `ModalitiesInStudy=A,B` / `Modality=A,B` match either.
+    fn modality_lists(&self) -> bool {
+        self.measured()
+            .modality_lists
+            .unwrap_or(self.settings.profile.modality_lists())
     }
 
     fn max_results(&self) -> Option<u32> {
@@ -172,6 +219,7 @@ impl DicomWebConnector {
             if page.is_empty() {
                 return Ok((rows, false));
             }
+            let full = page.len() >= limit as usize;
             offset = offset.saturating_add(u32::try_from(page.len()).unwrap_or(u32::MAX));
             let before = rows.len();
             for row in page {
@@ -181,6 +229,11 @@ impl DicomWebConnector {
                 {
                     rows.push(row);
                 }
+            }
+            if !self.offset_pages() {
+                // Measured: the backend ignores `offset`, so one page is all
+                // that can be had; a full one may not be everything.
+                return Ok((rows, full));
             }
             if rows.len() > before {
                 repeated_pages = 0;
@@ -208,6 +261,17 @@ impl DicomWebConnector {
         path: &str,
         params: &[(String, String)],
     ) -> Result<Vec<DicomJson>, ConnectorError> {
+        self.get_json_answer(path, params)
+            .await
+            .map(|(_, rows)| rows)
+    }
+
+    /// One QIDO-RS request: the final status and the rows.
+    async fn get_json_answer(
+        &self,
+        path: &str,
+        params: &[(String, String)],
+    ) -> Result<(StatusCode, Vec<DicomJson>), ConnectorError> {
         let url = self.url(path, params)?;
         let mut token = match &self.settings.auth {
             Auth::Tokens(provider) => Some(provider.token().await?),
@@ -215,21 +279,18 @@ impl DicomWebConnector {
         };
         let mut renewed = false;
         let mut throttled = 0;
-        let (status, body) = loop {
+        let answer = loop {
             let answer = self.send(&url, token.as_ref()).await?;
             // Throttled: wait as asked (or back off) and try again, a few times.
-            if answer.0 == StatusCode::TOO_MANY_REQUESTS && throttled + 1 < THROTTLED_ATTEMPTS {
-                let wait = answer.1.unwrap_or(Duration::from_millis(200 << throttled));
-                if wait <= MAX_RETRY_AFTER {
-                    throttled += 1;
-                    tracing::debug!(wait_ms = wait.as_millis() as u64, "throttled; waiting");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
+            if let Some(wait) = http::throttle_wait(&answer, throttled) {
+                throttled += 1;
+                tracing::debug!(wait_ms = wait.as_millis() as u64, "throttled; waiting");
+                tokio::time::sleep(wait).await;
+                continue;
             }
             // A token the service no longer accepts (revoked, or expired
             // early): fetch a new one and try once more.
-            if answer.0 == StatusCode::UNAUTHORIZED
+            if answer.status == StatusCode::UNAUTHORIZED
                 && !renewed
                 && let (Auth::Tokens(provider), Some(rejected)) = (&self.settings.auth, &token)
             {
@@ -239,23 +300,25 @@ impl DicomWebConnector {
                 tracing::debug!("access token refused; retrying once with a new one");
                 continue;
             }
-            break (answer.0, answer.2);
+            break answer;
         };
-        match status {
-            StatusCode::NO_CONTENT => return Ok(Vec::new()),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(ConnectorError::Unauthorized(status.as_u16()));
-            }
-            StatusCode::TOO_MANY_REQUESTS => return Err(ConnectorError::Throttled),
-            status if !status.is_success() => {
-                return Err(ConnectorError::UpstreamStatus(status.as_u16()));
-            }
-            _ => {}
+        if answer.status == StatusCode::NO_CONTENT {
+            return Ok((answer.status, Vec::new()));
         }
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Vec::new());
+        // A top-level search answered 404: the store (or partition) is not
+        // there. Below a study, 404 is about that study.
+        if answer.status == StatusCode::NOT_FOUND && !path.contains('/') {
+            return Err(ConnectorError::StoreNotFound);
         }
-        serde_json::from_slice::<Vec<DicomJson>>(&body).map_err(|_| ConnectorError::BadResponse)
+        if let Some(error) = http::status_error(answer.status) {
+            return Err(error);
+        }
+        if answer.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok((answer.status, Vec::new()));
+        }
+        serde_json::from_slice::<Vec<DicomJson>>(&answer.body)
+            .map(|rows| (answer.status, rows))
+            .map_err(|_| ConnectorError::BadResponse)
     }
 
     fn url(&self, path: &str, params: &[(String, String)]) -> Result<Url, ConnectorError> {
@@ -292,14 +355,15 @@ impl DicomWebConnector {
         if let Some(sex) = query.patient_sex {
             shared.push(("PatientSex".to_owned(), sex.code().to_owned()));
         }
-        if !query.study_uids.is_empty() && query.study_uids.len() <= MAX_UIDS_IN_URL {
+        let uids = query.study_uids.len();
+        if uids == 1 || (uids > 1 && uids <= MAX_UIDS_IN_URL && self.uid_lists()) {
             let list: Vec<&str> = query.study_uids.iter().map(String::as_str).collect();
             shared.push(("StudyInstanceUID".to_owned(), list.join(",")));
         }
         let mut study = vec![("includefield".to_owned(), include_fields(STUDY_FIELDS))];
         study.extend(shared.iter().cloned());
         if let Some(needle) = &query.description
-            && let Some(pattern) = profile.contains_pattern(needle)
+            && let Some(pattern) = self.contains_pattern(needle)
         {
             study.push(("StudyDescription".to_owned(), pattern));
         }
@@ -308,13 +372,13 @@ impl DicomWebConnector {
 
         let modalities: Vec<&str> = query.modalities.iter().map(|m| m.code()).collect();
         let at_series_level = query.body_part.is_some()
-            || (!modalities.is_empty() && !profile.pages_modalities_in_study());
+            || (!modalities.is_empty() && !self.pages_modalities_in_study());
         let mut series = Vec::new();
         if at_series_level {
             residual.remove(&FilterKind::Modality);
             let groups: Vec<Option<String>> = if modalities.is_empty() {
                 vec![None]
-            } else if profile.modality_lists() {
+            } else if self.modality_lists() {
                 vec![Some(modalities.join(","))]
             } else {
                 modalities.iter().map(|m| Some((*m).to_owned())).collect()
@@ -337,7 +401,7 @@ impl DicomWebConnector {
                 }
                 series.push(params);
             }
-        } else if modalities.len() == 1 || (modalities.len() > 1 && profile.modality_lists()) {
+        } else if modalities.len() == 1 || (modalities.len() > 1 && self.modality_lists()) {
             study.push(("ModalitiesInStudy".to_owned(), modalities.join(",")));
         }
         SearchPlan {
@@ -414,20 +478,32 @@ impl Connector for DicomWebConnector {
             FilterKind::StudyUid,
             FilterKind::BodyPart,
         ];
-        let profile = self.settings.profile;
-        if profile.modality_lists() {
+        if self.modality_lists() {
             native_filters.push(FilterKind::Modality);
         }
-        if profile.contains_pattern("x").is_some() {
+        if self.contains_pattern("x").is_some() {
             native_filters.push(FilterKind::Description);
         }
         native_filters.sort();
+        let measured = *self.measured.read().unwrap_or_else(PoisonError::into_inner);
         Capabilities {
             native_filters,
             paging: PagingStyle::LimitOffset,
             max_page_size: Some(self.settings.profile.max_page_size()),
             max_results: self.max_results(),
+            measured: measured.is_some(),
+            probe: measured.map(|m| m.findings()).unwrap_or_default(),
         }
+    }
+
+    async fn check(&self) -> Result<Duration, ConnectorError> {
+        let (measured, latency) = self.probe().await?;
+        tracing::debug!(?measured, "DICOMweb capabilities measured");
+        *self
+            .measured
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(measured);
+        Ok(latency)
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
@@ -443,11 +519,17 @@ impl Connector for DicomWebConnector {
             let (matched, series_truncated) = self.matching_series(query, &plan.series).await?;
             let (rows, truncated) = if matched.is_empty() {
                 (Vec::new(), false)
-            } else if matched.len() <= MAX_STUDIES_BY_UID {
+            } else if matched.len()
+                <= if self.uid_lists() {
+                    MAX_STUDIES_BY_UID
+                } else {
+                    MAX_UIDS_IN_URL
+                }
+            {
                 let mut uids: Vec<&String> = matched.keys().collect();
                 uids.sort();
                 let searches: Vec<Vec<(String, String)>> = uids
-                    .chunks(MAX_UIDS_IN_URL)
+                    .chunks(if self.uid_lists() { MAX_UIDS_IN_URL } else { 1 })
                     .map(|chunk| {
                         let mut params: Vec<(String, String)> = plan
                             .study
@@ -521,111 +603,39 @@ fn include_fields(fields: &[Tag]) -> String {
 impl DicomWebConnector {
     /// Sends one GET with the connector's credentials (`token` for
     /// [`Auth::Tokens`]). A pooled keep-alive connection can be closed by
-    /// the server just as it is reused, and several pooled connections can
-    /// go stale together. The idle timeout keeps that rare (see
-    /// `Profile::idle_timeout`); what remains gets up to
-    /// `TRANSPORT_ATTEMPTS` tries of this idempotent GET. Timeouts are not
-    /// retried: the deadline is the caller's.
-    async fn send(&self, url: &Url, token: Option<&Secret>) -> Result<Answer, ConnectorError> {
+    /// the server just as it is reused; the idle timeout keeps that rare
+    /// (see `Profile::idle_timeout`) and the GET is retried when it happens.
+    async fn send(
+        &self,
+        url: &Url,
+        token: Option<&Secret>,
+    ) -> Result<http::Answer, ConnectorError> {
         let aws = match &self.settings.auth {
-            Auth::SigV4 {
-                credentials,
-                region,
-                service,
-            } => Some((credentials.credentials().await?, region, *service)),
+            Auth::SigV4 { credentials, .. } => Some(credentials.credentials().await?),
             _ => None,
         };
-        let request = || {
+        http::send_idempotent(|| {
             let request = self
                 .client
                 .get(url.clone())
                 .header(reqwest::header::ACCEPT, "application/dicom+json");
-            match (&self.settings.auth, token) {
-                (Auth::Basic { username, password }, _) => {
+            match (&self.settings.auth, token, &aws) {
+                (Auth::Basic { username, password }, _, _) => {
                     request.basic_auth(username, Some(password.expose()))
                 }
-                (Auth::Bearer { token }, _) | (Auth::Tokens(_), Some(token)) => {
+                (Auth::Bearer { token }, _, _) | (Auth::Tokens(_), Some(token), _) => {
                     request.bearer_auth(token.expose())
                 }
-                (Auth::SigV4 { .. }, _) => match &aws {
-                    // Signed per attempt: the signature carries the time.
-                    Some((credentials, region, service)) => sigv4::sign(
-                        "GET",
-                        url,
-                        &[],
-                        b"",
-                        credentials,
-                        Scope {
-                            region,
-                            service,
-                            time: time::OffsetDateTime::now_utc(),
-                        },
-                    )
-                    .into_iter()
-                    .fold(request, |request, (name, value)| {
-                        request.header(name, value)
-                    }),
-                    None => request,
-                },
+                (
+                    Auth::SigV4 {
+                        region, service, ..
+                    },
+                    _,
+                    Some(credentials),
+                ) => http::sigv4_signed(request, "GET", url, b"", credentials, region, service),
                 _ => request,
             }
-        };
-        let mut attempt = 1;
-        loop {
-            match fetch(request()).await {
-                Ok(answer) => return Ok(answer),
-                Err(error) if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS => {
-                    tracing::debug!(
-                        kind = transport_kind(&error),
-                        attempt,
-                        "retrying a QIDO-RS request"
-                    );
-                    attempt += 1;
-                }
-                Err(error) => return Err(transport_error(error)),
-            }
-        }
-    }
-}
-
-/// How often one QIDO-RS request is tried when the transport fails.
-const TRANSPORT_ATTEMPTS: u32 = 3;
-
-/// One answer: status, `Retry-After` (seconds form) and the whole body.
-type Answer = (StatusCode, Option<Duration>, bytes::Bytes);
-
-/// Sends one request and reads its whole body.
-async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
-    let response = request.send().await?;
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    Ok((status, retry_after, response.bytes().await?))
-}
-
-/// How often a throttled (429) request is tried.
-const THROTTLED_ATTEMPTS: u32 = 4;
-/// The longest `Retry-After` waited for; longer ones end the search (the
-/// partner's deadline would pass anyway).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
-
-/// Transport failures, described without the URL (it carries query values).
-fn transport_error(error: reqwest::Error) -> ConnectorError {
-    ConnectorError::Unreachable(transport_kind(&error))
-}
-
-fn transport_kind(error: &reqwest::Error) -> &'static str {
-    if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "connection failed"
-    } else if error.is_body() || error.is_decode() {
-        "response interrupted"
-    } else {
-        "request failed"
+        })
+        .await
     }
 }

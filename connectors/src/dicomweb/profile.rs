@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A DICOMweb backend's quirks.
+/// A DICOMweb backend's quirks. Where the capability probe
+/// (`probe.rs`) measures a behaviour, the measurement overrides what is
+/// assumed here; these assumptions hold until a probe has run, and for what
+/// a probe could not tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
