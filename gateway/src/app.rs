@@ -170,6 +170,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                 credentials,
                 endpoint,
                 page_size,
+                max_results,
             } => {
                 let chain: Vec<Box<dyn AwsCredentialSource>> = match credentials {
                     AwsCredentialsConfig::Chain => default_chain(
@@ -214,7 +215,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                                 },
                                 page_size: *page_size,
                                 detail_concurrency: 8,
-                                max_results: None,
+                                max_results: *max_results,
                             })
                             .map_err(failed)?,
                         )

@@ -285,6 +285,10 @@ pub enum ConnectorConfig {
         /// DICOMweb only: the native API's pages are 50 image sets.
         #[serde(default)]
         page_size: Option<u32>,
+        /// DICOMweb only: the most records one search returns (AWS
+        /// documents 10,000, the default); reaching it is TRUNCATED.
+        #[serde(default)]
+        max_results: Option<u32>,
     },
     /// An Azure Health Data Services DICOM service (API v2).
     Azure {

@@ -336,3 +336,52 @@ async fn missing_stores_refused_credentials_and_throttling_are_told_apart() {
     // Throttled requests were tried again a few times, then given up on.
     assert_eq!(always_throttled.throttled() - throttled_before, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_record_cap_is_reported_as_truncated_not_hidden() {
+    let data = SyntheticPartner::new("capped", 40, 34);
+    let orthanc = Orthanc::start("capped").await;
+    orthanc.load(&data).await;
+    let key = "aws-test-secret-access-key";
+    // The stand-in returns at most 30 records per search, as AWS does
+    // 10,000; the partner is configured with the same cap.
+    let stand_in = CloudStandIn::start(
+        Cloud::Aws { cap: 30 },
+        orthanc.port,
+        Duration::from_secs(60),
+        key,
+    )
+    .await;
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("aws-secret-access-key");
+    std::fs::write(&secret, key).unwrap();
+    let config = format!(
+        r#"
+[[partners]]
+id = "capped"
+name = "Capped"
+deadline_ms = 20000
+[partners.connector]
+kind = "aws"
+region = "{AWS_REGION}"
+datastore_id = "{AWS_DATASTORE}"
+endpoint = "{root}"
+page_size = 9
+max_results = 30
+credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_access_key = "${{file:{secret}}}" }}
+"#,
+        root = stand_in.root,
+        secret = secret.display(),
+    );
+    let gateway = Gateway::start(&config).await;
+    let data = gateway
+        .query(
+            r#"query { cohortCount(project: "ground-truth") { total totalIsLowerBound complete partners { status count } } }"#,
+            json!({}),
+        )
+        .await;
+    let count = &data["cohortCount"];
+    assert_eq!(count["partners"][0]["status"], "TRUNCATED", "{data}");
+    assert_eq!(count["total"], 30, "{data}");
+    assert_eq!(count["complete"], false, "{data}");
+}
