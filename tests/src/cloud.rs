@@ -113,14 +113,7 @@ impl CloudStandIn {
             .route("/v2/{*path}", get(azure_dicomweb))
             .route("/datastore/{id}/{*path}", get(aws_dicomweb))
             .with_state(Arc::clone(&inner));
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let root = format!(
-            "http://{}",
-            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let root = serve(app).await;
         CloudStandIn { inner, root }
     }
 
@@ -260,6 +253,19 @@ async fn aws_dicomweb(
         return StatusCode::FORBIDDEN.into_response();
     }
     dicomweb(&inner, &path, &headers, query).await
+}
+
+/// Serves `app` on a free loopback port; returns its root URL.
+pub(crate) async fn serve(app: Router) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let root = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    root
 }
 
 /// Checks a SigV4 `Authorization` header with AWS's own implementation:

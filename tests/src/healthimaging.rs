@@ -38,9 +38,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
 
-use crate::cloud::{AWS_DATASTORE, sigv4_valid};
+use crate::cloud::{AWS_DATASTORE, serve, sigv4_valid};
 
 /// Attributes kept per level of the metadata document, by keyword.
 const PATIENT: &[&str] = &["PatientID", "PatientName", "PatientBirthDate", "PatientSex"];
@@ -130,14 +129,7 @@ impl HealthImagingStandIn {
                 post(metadata),
             )
             .with_state(Arc::clone(&inner));
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let root = format!(
-            "http://{}",
-            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let root = serve(app).await;
         HealthImagingStandIn { inner, root }
     }
 
