@@ -137,11 +137,14 @@ def main():
             'permit (principal, action in Meshgate::Action::"QueryStudies", resource)\n'
             'when { principal.projects.contains(context.project) };\n')
         (work / "pseudonym.key").write_text("bench pseudonymisation key, 32 bytes or more")
+        (work / "checkpoint.pem").write_text(
+            subprocess.run([binary, "audit", "keygen"], check=True, capture_output=True, text=True).stdout)
         config = work / "meshgate.toml"
         text = ('listen = "127.0.0.1:0"\n\n[auth]\n[[auth.issuers]]\n'
                 f'issuer = "{issued["issuer"]}"\naudiences = ["meshgate"]\njwks_url = "{issued["jwks_url"]}"\n\n'
                 '[policies]\nconsortium = ["allow.cedar"]\n\n'
                 f'[deidentification]\nkey = "${{file:{work / "pseudonym.key"}}}"\n\n'
+                f'[audit]\nstore = "sqlite:audit.db"\ncheckpoint_key = "${{file:{work / "checkpoint.pem"}}}"\n\n'
                 '[[projects]]\nid = "bench"\ntitle = "Benchmark"\npurposes = ["DUO:0000042"]\n')
         for name, _ in PARTNERS:
             text += (f'\n[[partners]]\nid = "{name}"\nname = "{name}"\ndeadline_ms = 30000\nutc_offset = "+01:00"\n'

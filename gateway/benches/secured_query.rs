@@ -55,13 +55,20 @@ async fn gateway(
 ) -> Gateway {
     std::fs::write(dir.join("consortium.cedar"), consortium).unwrap();
     std::fs::write(dir.join("partner.cedar"), partner_policy).unwrap();
+    std::fs::write(
+        dir.join("checkpoint.pem"),
+        meshgate_gateway::audit::new_checkpoint_key_pem().unwrap(),
+    )
+    .unwrap();
     let mut text = format!(
         "[auth]\n[[auth.issuers]]\nissuer = \"{}\"\naudiences = [\"meshgate\"]\njwks_url = \"{}\"\n\n\
          [policies]\nconsortium = [\"consortium.cedar\"]\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n\
+         [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = \"${{file:{}}}\"\n\n\
          [[projects]]\nid = \"lung-cancer\"\ntitle = \"Lung\"\npurposes = [\"DUO:0000006\"]\nethics_approved = true\n",
         issuer.issuer(),
         issuer.jwks_url(),
         dir.join("key").display(),
+        dir.join("checkpoint.pem").display(),
     );
     for id in ["north", "south", "east"] {
         text.push_str(&format!(

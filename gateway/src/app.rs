@@ -33,6 +33,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::audit::{AuditError, AuditLog, FatalHandler, Selection};
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{
     AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
@@ -40,7 +41,7 @@ use crate::config::{
 };
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
-use crate::request::{AuditSink, LogAuditSink, RequestContext};
+use crate::request::{AuditRecord, RequestContext};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -48,8 +49,10 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 struct AppState {
     schema: MeshgateSchema,
+    services: Services,
     authenticator: Arc<Authenticator>,
-    audit: Arc<dyn AuditSink>,
+    audit: Arc<AuditLog>,
+    fatal: FatalHandler,
 }
 
 /// Why the gateway could not start.
@@ -62,6 +65,8 @@ pub enum StartError {
     },
     #[error("cannot build the HTTP client for token keys: {0}")]
     Auth(#[from] reqwest::Error),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
 }
 
 /// How long start-up waits for each partner's capability probe.
@@ -76,6 +81,7 @@ pub struct Gateway {
 
 /// Builds the connectors, loads the policies and sets up token verification.
 pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
+    let audit = AuditLog::open(&loaded.audit).await?;
     let federation = federation(loaded).await?;
     // Probe every partner before serving, so that measured capabilities
     // drive push-down from the first query. A partner that cannot be
@@ -104,6 +110,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
             federation,
             authorizer: Arc::clone(&loaded.authorizer),
             pseudonym_key: loaded.pseudonym_key.clone(),
+            audit,
         },
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
     })
@@ -392,20 +399,34 @@ fn cloud_dicomweb(
     })?))
 }
 
-/// The gateway's routes.
+/// The gateway's routes. A storage failure under the audit log stops the
+/// process (see [`crate::audit`]).
 pub fn build_app(gateway: Gateway) -> Router {
-    build_app_with_audit(gateway, Arc::new(LogAuditSink))
+    build_app_with_fatal(
+        gateway,
+        Arc::new(|error: &AuditError| {
+            tracing::error!(%error, "the audit log's storage failed; stopping");
+            std::process::exit(EXIT_AUDIT_STORAGE);
+        }),
+    )
 }
 
-/// The gateway's routes, with the audit sink chosen by the caller.
-pub fn build_app_with_audit(gateway: Gateway, audit: Arc<dyn AuditSink>) -> Router {
+/// Exit status after a storage failure under the audit log.
+pub const EXIT_AUDIT_STORAGE: i32 = 70;
+
+/// The gateway's routes, with what to do on a fatal audit storage error.
+pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
     let state = AppState {
-        schema: schema(gateway.services),
+        schema: schema(gateway.services.clone()),
+        audit: Arc::clone(&gateway.services.audit),
+        services: gateway.services,
         authenticator: gateway.authenticator,
-        audit,
+        fatal,
     };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
+        .route("/audit/checkpoint", get(latest_checkpoint))
+        .route("/audit/AuditEvent.ndjson", get(export_audit_events))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -448,7 +469,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         .and_then(|value| value.to_str().ok());
     match state.authenticator.authenticate(authorization).await {
         Ok(principal) => context.principal = Some(principal),
-        Err(error) => return unauthenticated(&state, &context, &error),
+        Err(error) => return unauthenticated(&state, &context, &error).await,
     }
 
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
@@ -460,7 +481,8 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "REQUEST_TOO_LARGE",
                 "the request body is too large",
-            );
+            )
+            .await;
         }
     };
     let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
@@ -472,7 +494,8 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
                 StatusCode::BAD_REQUEST,
                 "BAD_REQUEST",
                 "the body must be one JSON object with a query string, optional variables and operationName",
-            );
+            )
+            .await;
         }
     };
     // Parsed once here (and kept in the request for execution) so that a
@@ -485,7 +508,12 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             StatusCode::BAD_REQUEST,
             "GRAPHQL_PARSE_FAILED",
             &message,
-        );
+        )
+        .await;
+    }
+    // No partner is asked while the audit log cannot be written.
+    if state.audit.ready().await.is_err() {
+        return audit_unavailable(&request_id);
     }
     let operation = gql_request.operation_name.clone();
     let mut response = state
@@ -526,7 +554,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         })
         .collect();
     let record = context.audit_record(operation, error_codes);
-    if state.audit.record(&record).is_err() {
+    if commit(&state, &record).await.is_err() {
         // Fail closed: no data leaves without its audit record.
         return audit_unavailable(&request_id);
     }
@@ -542,8 +570,13 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     )
 }
 
+/// Commits one audit record.
+async fn commit(state: &AppState, record: &AuditRecord) -> Result<i64, AuditError> {
+    state.audit.append(record, &state.fatal).await
+}
+
 /// Refuses a request before GraphQL execution, audited like any other.
-fn refuse(
+async fn refuse(
     state: &AppState,
     context: &RequestContext,
     status: StatusCode,
@@ -551,7 +584,7 @@ fn refuse(
     message: &str,
 ) -> Response {
     let record = context.audit_record(None, vec![code.to_owned()]);
-    if state.audit.record(&record).is_err() {
+    if commit(state, &record).await.is_err() {
         return audit_unavailable(&context.request_id);
     }
     json_response(
@@ -563,7 +596,11 @@ fn refuse(
 
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750), or 503 when the
 /// issuer's keys cannot be fetched.
-fn unauthenticated(state: &AppState, context: &RequestContext, error: &AuthError) -> Response {
+async fn unauthenticated(
+    state: &AppState,
+    context: &RequestContext,
+    error: &AuthError,
+) -> Response {
     let (status, challenge) = match error {
         AuthError::KeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, None),
         AuthError::Missing => (
@@ -577,7 +614,7 @@ fn unauthenticated(state: &AppState, context: &RequestContext, error: &AuthError
             )),
         ),
     };
-    let mut response = refuse(state, context, status, error.code(), &error.to_string());
+    let mut response = refuse(state, context, status, error.code(), &error.to_string()).await;
     if response.status() == status {
         let headers = response.headers_mut();
         if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -586,6 +623,97 @@ fn unauthenticated(state: &AppState, context: &RequestContext, error: &AuthError
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
+    }
+    response
+}
+
+/// The newest signed checkpoint of the audit chain, for anyone to copy: it
+/// holds no data, only a sequence number, a hash and a signature.
+async fn latest_checkpoint(State(state): State<AppState>) -> Response {
+    match state.audit.latest_checkpoint().await {
+        Ok(Some(checkpoint)) => {
+            let key = state.audit.verifying_key();
+            let body = json!({
+                "checkpoint": checkpoint,
+                "public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key.as_bytes()),
+            });
+            json_response(StatusCode::OK, "", body)
+        }
+        Ok(None) => json_response(
+            StatusCode::NOT_FOUND,
+            "",
+            json!({"errors": [{"message": "no checkpoint has been signed yet", "extensions": {"code": "NOT_FOUND"}}]}),
+        ),
+        Err(_) => audit_unavailable(""),
+    }
+}
+
+/// The audit events the caller may see, as FHIR AuditEvent NDJSON, newest
+/// first; filters as query parameters (`subject`, `institution`,
+/// `project`, `partner`, `outcome`, `from`, `to`, `before`, `limit`). The
+/// export is itself audited.
+async fn export_audit_events(
+    State(state): State<AppState>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+    request: Request,
+) -> Response {
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let mut context = RequestContext::new(request_id.clone(), client);
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let principal = match state.authenticator.authenticate(authorization).await {
+        Ok(principal) => principal,
+        Err(error) => return unauthenticated(&state, &context, &error).await,
+    };
+    context.principal = Some(principal.clone());
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let limit = param("limit")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(1000)
+        .clamp(1, 10_000);
+    let selection = Selection {
+        scope: crate::graphql::audit_scope(&state.services, &principal),
+        subject: param("subject"),
+        institution: param("institution"),
+        project: param("project"),
+        partner: param("partner"),
+        outcome: param("outcome").map(|o| o.to_lowercase()),
+        from: param("from"),
+        to: param("to"),
+        before: param("before").and_then(|v| v.parse().ok()),
+    };
+    let rows = match state.audit.store().select(&selection, limit).await {
+        Ok(rows) => rows,
+        Err(_) => return audit_unavailable(&request_id),
+    };
+    let record = context.audit_record(Some("auditExport".to_owned()), Vec::new());
+    if commit(&state, &record).await.is_err() {
+        return audit_unavailable(&request_id);
+    }
+    let mut body = String::new();
+    for row in &rows {
+        body.push_str(&crate::audit::audit_event(row).to_string());
+        body.push('\n');
+    }
+    let mut response = (StatusCode::OK, Body::from(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
     }
     response
 }

@@ -20,6 +20,7 @@ use meshgate_policies::{
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::audit::{AuditSettings, StoreLocation};
 use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
 
 /// The whole configuration.
@@ -35,6 +36,8 @@ pub struct Config {
     /// The consortium's Cedar policies.
     pub policies: PoliciesSection,
     pub deidentification: DeidentificationSection,
+    /// The tamper-evident audit log.
+    pub audit: AuditSection,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,
@@ -130,6 +133,37 @@ pub struct PoliciesSection {
 pub struct DeidentificationSection {
     /// At least 32 bytes, as `${env:NAME}` or `${file:PATH}`.
     pub key: SecretRef,
+}
+
+/// `[audit]`: where the audit log lives and how its head is signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// `sqlite:PATH` (relative to this file), or a PostgreSQL URL:
+    /// `postgres://user@host/db` as is, or as `${env:NAME}` / `${file:PATH}`
+    /// when it carries a password.
+    pub store: String,
+    /// The Ed25519 private key (PKCS#8 PEM) that signs checkpoints, as
+    /// `${env:NAME}` or `${file:PATH}`.
+    pub checkpoint_key: SecretRef,
+    /// Sign the chain head every this many records…
+    #[serde(default = "default_checkpoint_records")]
+    pub checkpoint_every_records: u32,
+    /// …and at least this often while records arrive.
+    #[serde(default = "default_checkpoint_seconds")]
+    pub checkpoint_every_seconds: u64,
+    /// Where checkpoints are also appended, one JSON line each (relative to
+    /// this file); copy it somewhere the gateway cannot write.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+}
+
+fn default_checkpoint_records() -> u32 {
+    1000
+}
+
+fn default_checkpoint_seconds() -> u64 {
+    60
 }
 
 /// `[[projects]]`: an approved research project.
@@ -461,6 +495,7 @@ pub struct LoadedConfig {
     pub secrets: ResolvedSecrets,
     pub pseudonym_key: MasterKey,
     pub issuers: Vec<IssuerSettings>,
+    pub audit: AuditSettings,
     /// The policies, loaded and validated once.
     pub authorizer: Arc<Authorizer>,
 }
@@ -672,6 +707,7 @@ impl Config {
             .map_err(|message| located(key_span.clone(), message))?;
         let pseudonym_key = MasterKey::new(key.expose().as_bytes())
             .map_err(|error| located(key_span, error.to_string()))?;
+        let audit = audit_settings(&config.audit, base, text, env, &located)?;
         let policies = policy_config(&config, base, &located)?;
         let authorizer = Authorizer::new(&policies).map_err(policy_error)?;
         Ok(LoadedConfig {
@@ -679,12 +715,78 @@ impl Config {
             secrets: ResolvedSecrets(secrets),
             pseudonym_key,
             issuers,
+            audit,
             authorizer: Arc::new(authorizer),
         })
     }
 }
 
 type Locate<'a> = dyn Fn(Option<Range<usize>>, String) -> ConfigError + 'a;
+
+/// Resolves `[audit]`: the store's location and the checkpoint key.
+fn audit_settings(
+    section: &AuditSection,
+    base: &Path,
+    text: &str,
+    env: &dyn Environment,
+    located: &Locate<'_>,
+) -> Result<AuditSettings, ConfigError> {
+    let at = |name: &str| span_at(text, &[Key::Name("audit"), Key::Name(name)]);
+    let store = section.store.trim();
+    let postgres = |url: &str| url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let location = if let Some(path) = store.strip_prefix("sqlite:") {
+        let path = path.trim_start_matches("//");
+        if path.is_empty() {
+            return Err(located(at("store"), "sqlite: needs a file path".into()));
+        }
+        StoreLocation::Sqlite(base.join(path))
+    } else if store.starts_with("${") {
+        let url = resolve_secret(&SecretRef(store.to_owned()), env)
+            .map_err(|message| located(at("store"), message))?;
+        if !postgres(url.expose()) {
+            return Err(located(
+                at("store"),
+                "the referenced store must be a postgres:// URL".into(),
+            ));
+        }
+        StoreLocation::Postgres(url)
+    } else if postgres(store) {
+        let authority = store.split('/').nth(2).unwrap_or_default();
+        let credentials = authority
+            .rsplit_once('@')
+            .map(|(c, _)| c)
+            .unwrap_or_default();
+        if credentials.contains(':') || store.contains("password=") {
+            return Err(located(
+                at("store"),
+                "a PostgreSQL URL with a password must be a reference: ${env:NAME} or ${file:PATH}"
+                    .into(),
+            ));
+        }
+        StoreLocation::Postgres(Secret::new(store))
+    } else {
+        return Err(located(
+            at("store"),
+            "store must be sqlite:PATH or a postgres:// URL".into(),
+        ));
+    };
+    let pem = resolve_secret(&section.checkpoint_key, env)
+        .map_err(|message| located(at("checkpoint_key"), message))?;
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    let signing_key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.expose().trim()).map_err(|_| {
+        located(
+            at("checkpoint_key"),
+            "checkpoint_key must be an Ed25519 private key in PKCS#8 PEM (openssl genpkey -algorithm ed25519)".into(),
+        )
+    })?;
+    Ok(AuditSettings {
+        store: location,
+        signing_key: Arc::new(signing_key),
+        checkpoint_every_records: i64::from(section.checkpoint_every_records.max(1)),
+        checkpoint_every: Duration::from_secs(section.checkpoint_every_seconds.max(1)),
+        checkpoint_file: section.checkpoint_file.as_ref().map(|p| base.join(p)),
+    })
+}
 
 fn issuers(
     config: &Config,
@@ -1034,12 +1136,21 @@ key = "${env:PSEUDONYM_KEY}"
 id = "p1"
 title = "Project one"
 purposes = ["DUO:0000006"]
+
+[audit]
+store = "sqlite:audit.db"
+checkpoint_key = "${env:CHECKPOINT_KEY}"
 "#;
 
     const KEY: &str = "0123456789abcdef0123456789abcdef";
+    /// Made by `openssl genpkey -algorithm ed25519` (PKCS#8 v1).
+    const CHECKPOINT_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOvQwcuIRmqdIqa5wsz8Mgbz7B0wr2B7j18h9nzxIzSR\n-----END PRIVATE KEY-----\n";
 
     fn env_with(pairs: &[(&str, &str)]) -> FakeEnv {
-        let mut env = FakeEnv(HashMap::from([("PSEUDONYM_KEY".into(), KEY.into())]));
+        let mut env = FakeEnv(HashMap::from([
+            ("PSEUDONYM_KEY".into(), KEY.into()),
+            ("CHECKPOINT_KEY".into(), CHECKPOINT_KEY.into()),
+        ]));
         for (name, value) in pairs {
             env.0.insert((*name).into(), (*value).into());
         }
@@ -1260,11 +1371,41 @@ connector = { kind = "aws", region = "us-east-1", datastore_id = "abc" }
 
         let slash = clouds.replace("dataset = \"imaging\"", "dataset = \"imaging/../x\"");
         let error = load(&slash, &env).unwrap_err();
-        assert_eq!(error.line, Some(50), "{error}");
+        assert_eq!(error.line, Some(54), "{error}");
         assert!(error.message.contains("dataset"), "{error}");
         let literal = clouds.replace("${env:AZURE_SECRET}", "s3cret");
         let error = load(&literal, &env).unwrap_err();
-        assert_eq!(error.line, Some(64), "{error}");
+        assert_eq!(error.line, Some(68), "{error}");
         assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn the_audit_store_and_checkpoint_key_are_checked_with_their_line() {
+        let env = env_with(&[
+            ("SOUTH_PASSWORD", "x"),
+            ("AUDIT_URL", "postgres://meshgate:pw@db/audit"),
+        ]);
+        let loaded = load(GOOD, &env).unwrap();
+        assert!(
+            matches!(&loaded.audit.store, StoreLocation::Sqlite(path) if path.ends_with("audit.db"))
+        );
+        let referenced = GOOD.replace("sqlite:audit.db", "${env:AUDIT_URL}");
+        let loaded = load(&referenced, &env).unwrap();
+        assert!(matches!(loaded.audit.store, StoreLocation::Postgres(_)));
+        let literal = GOOD.replace("sqlite:audit.db", "postgres://meshgate:pw@db/audit");
+        let error = load(&literal, &env).unwrap_err();
+        assert!(error.message.contains("must be a reference"), "{error}");
+        assert!(!error.to_string().contains("pw@"), "{error}");
+        let other = GOOD.replace("sqlite:audit.db", "mysql://db");
+        assert!(
+            load(&other, &env)
+                .unwrap_err()
+                .message
+                .contains("store must be")
+        );
+        let env = env_with(&[("SOUTH_PASSWORD", "x"), ("CHECKPOINT_KEY", KEY)]);
+        let error = load(GOOD, &env).unwrap_err();
+        assert!(error.message.contains("Ed25519"), "{error}");
+        assert!(!error.to_string().contains(KEY), "{error}");
     }
 }

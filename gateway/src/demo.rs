@@ -120,6 +120,8 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     #[error("could not write {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Where the demo's token issuer is.
@@ -164,16 +166,25 @@ pub fn prepare(
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         write(&key_file, hex.as_bytes())?;
     }
+    let checkpoint_key = data.join("audit-checkpoint-key.pem");
+    if !checkpoint_key.exists() {
+        write(
+            &checkpoint_key,
+            crate::audit::new_checkpoint_key_pem()?.as_bytes(),
+        )?;
+    }
     let quoted = |text: String| toml::Value::String(text).to_string();
     let mut toml = format!(
         "# Written by `meshgate demo`. DEVELOPMENT ONLY: tokens come from a local issuer.\n\
          listen = \"{listen}\"\n\n\
          [auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"{DEV_AUDIENCE}\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
          [policies]\nconsortium = [\"policies/consortium\"]\n\n\
-         [deidentification]\nkey = {key}\n",
+         [deidentification]\nkey = {key}\n\n\
+         [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_file = \"audit-checkpoints.jsonl\"\n",
         issuer = quoted(issuer.issuer.clone()),
         jwks = quoted(issuer.jwks_url.clone()),
         key = quoted(format!("${{file:{}}}", key_file.display())),
+        checkpoint_key = quoted(format!("${{file:{}}}", checkpoint_key.display())),
     );
     for (id, title, purpose) in DEMO_PROJECTS {
         let _ = write!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
-use meshgate_policies::{Authorizer, Deidentifier, Disclosure, MasterKey, Profile};
+use meshgate_policies::{AdminAction, Authorizer, Deidentifier, Disclosure, MasterKey, Profile};
 use meshgate_schema::api::{
     CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
     PatientSummary, StudyFilter,
@@ -15,6 +15,8 @@ use meshgate_schema::api::{
 use meshgate_schema::fhir::{imaging_study, started_text};
 use meshgate_schema::{Principal, QueryError, StudyQuery};
 
+use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
+use crate::audit::{AuditLog, Scope, Selection};
 use crate::cursor::{self, CursorError};
 use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
 use crate::request::{AuditedAccess, AuditedPartner, RequestContext};
@@ -32,6 +34,7 @@ pub struct Services {
     pub federation: Federation,
     pub authorizer: Arc<Authorizer>,
     pub pseudonym_key: MasterKey,
+    pub audit: Arc<AuditLog>,
 }
 
 /// Builds the schema over a federation of partners and its policies.
@@ -63,6 +66,8 @@ pub enum ApiError {
     Unauthenticated,
     #[error("internal error")]
     Internal,
+    #[error("the audit log cannot be read; try again later")]
+    AuditUnavailable,
 }
 
 impl ApiError {
@@ -74,6 +79,7 @@ impl ApiError {
             ApiError::UnknownProject(_) => "UNKNOWN_PROJECT",
             ApiError::Unauthenticated => "UNAUTHENTICATED",
             ApiError::Internal => "INTERNAL_SERVER_ERROR",
+            ApiError::AuditUnavailable => "AUDIT_UNAVAILABLE",
         }
     }
 }
@@ -122,6 +128,21 @@ impl QueryRoot {
             .map_err(|e| e.extend())
     }
 
+    /// Audited operations the caller may see, newest first: governance
+    /// every one; a partner admin those that involved its partner (Cedar
+    /// action `ViewAudit` per partner); everyone their own.
+    async fn audit_events(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<AuditFilter>,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<AuditEventConnection> {
+        Self::audit_page(ctx, filter.unwrap_or_default(), first, after)
+            .await
+            .map_err(|e| e.extend())
+    }
+
     /// The caller, as the gateway sees them.
     async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Principal> {
         principal(ctx).cloned().map_err(|e| e.extend())
@@ -142,6 +163,90 @@ impl QueryRoot {
             })
             .collect())
     }
+}
+
+impl QueryRoot {
+    async fn audit_page(
+        ctx: &Context<'_>,
+        filter: AuditFilter,
+        first: i32,
+        after: Option<String>,
+    ) -> Result<AuditEventConnection, ApiError> {
+        let principal = principal(ctx)?;
+        let services = services(ctx)?;
+        let first = i64::from(first);
+        if !(1..=i64::from(MAX_PAGE_SIZE)).contains(&first) {
+            return Err(ApiError::InvalidPageSize(first as i32));
+        }
+        let before = match after {
+            None => None,
+            Some(cursor) => Some(
+                cursor
+                    .strip_prefix("seq:")
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .ok_or(ApiError::InvalidCursor(CursorError::Malformed))?,
+            ),
+        };
+        let selection = Selection {
+            scope: audit_scope(services, principal),
+            subject: filter.subject,
+            institution: filter.institution,
+            project: filter.project,
+            partner: filter.partner,
+            outcome: filter.outcome.map(|o| match o {
+                AuditOutcome::Success => "success".to_owned(),
+                AuditOutcome::Failure => "failure".to_owned(),
+            }),
+            from: filter.from,
+            to: filter.to,
+            before,
+        };
+        let mut rows = services
+            .audit
+            .store()
+            .select(&selection, first + 1)
+            .await
+            .map_err(|_| ApiError::AuditUnavailable)?;
+        let has_next_page = rows.len() as i64 > first;
+        rows.truncate(first as usize);
+        Ok(AuditEventConnection {
+            end_cursor: rows.last().map(|row| format!("seq:{}", row.seq)),
+            nodes: rows.iter().map(AuditEvent::from).collect(),
+            has_next_page,
+        })
+    }
+}
+
+/// Which audit entries `principal` may read: `None` for all of them (the
+/// consortium's policies allow `ViewAudit` on every partner), otherwise
+/// their own and those involving the partners the policies allow.
+pub fn audit_scope(services: &Services, principal: &Principal) -> Option<Scope> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    let partners: Vec<String> = services
+        .federation
+        .partners()
+        .iter()
+        .map(|p| p.id.clone())
+        .collect();
+    let allowed: Vec<String> = partners
+        .iter()
+        .filter(|id| {
+            services
+                .authorizer
+                .allows(principal, AdminAction::ViewAudit, id, now)
+        })
+        .cloned()
+        .collect();
+    if !partners.is_empty() && allowed.len() == partners.len() {
+        return None;
+    }
+    Some(Scope {
+        own: Some((principal.issuer.clone(), principal.subject.clone())),
+        partners: allowed,
+    })
 }
 
 fn services<'a>(ctx: &Context<'a>) -> Result<&'a Services, ApiError> {
@@ -289,6 +394,7 @@ impl QueryRoot {
                 field: "imagingStudies",
                 project: project.clone(),
                 filter_fingerprint: fingerprint.clone(),
+                filter: serde_json::to_value(&query).unwrap_or_default(),
                 partners: page
                     .statuses
                     .iter()
@@ -330,6 +436,7 @@ impl QueryRoot {
                 field: "cohortCount",
                 project,
                 filter_fingerprint: query.fingerprint(),
+                filter: serde_json::to_value(&query).unwrap_or_default(),
                 partners: partners.iter().map(AuditedPartner::from_status).collect(),
             });
         }

@@ -21,6 +21,7 @@
 //! [`dev_issuer`] for tokens.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod checks;
 pub mod config;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use meshgate_gateway::config::{Config, ProcessEnvironment};
 use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{SynthSpec, synthesise};
-use meshgate_gateway::{LoadedConfig, build_app, demo, graphql, run, start};
+use meshgate_gateway::{LoadedConfig, audit, build_app, demo, graphql, run, start};
 use tokio::net::TcpListener;
 
 /// meshgate: one GraphQL API over a research consortium's imaging stores.
@@ -77,6 +77,30 @@ enum Command {
         #[command(subcommand)]
         command: PartnersCommand,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain and its signed checkpoints (the
+    /// store's, and the published checkpoint file or `--checkpoints`).
+    /// Exit code 0 when intact, 1 naming the first bad record, 2 when the
+    /// configuration is invalid or the log cannot be read.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// A copy of published checkpoints (JSON lines), kept outside the
+        /// gateway; default: the configured checkpoint file, if any.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Print a new Ed25519 checkpoint key (PKCS#8 PEM) for `[audit]
+    /// checkpoint_key`.
+    Keygen,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +197,25 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Test { config, cases },
         } => policy_test(&config, &cases),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    config,
+                    checkpoints,
+                },
+        } => run_to_exit(audit_verify(config, checkpoints)),
+        Command::Audit {
+            command: AuditCommand::Keygen,
+        } => match audit::new_checkpoint_key_pem() {
+            Ok(pem) => {
+                print!("{pem}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Partners {
             command:
                 PartnersCommand::Check {
@@ -200,6 +243,87 @@ fn main() -> ExitCode {
             studies,
         } => block_on(run_demo(data, listen, studies)),
     }
+}
+
+async fn audit_verify(config: PathBuf, checkpoints: Option<PathBuf>) -> ExitCode {
+    let loaded = match Config::load(&config, &ProcessEnvironment) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let started = Instant::now();
+    let store = match audit::Store::open(&loaded.audit.store).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let file = checkpoints.or(loaded.audit.checkpoint_file.clone());
+    let mut external = Vec::new();
+    if let Some(file) = &file {
+        match std::fs::read_to_string(file) {
+            Ok(text) => {
+                for (number, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<audit::Checkpoint>(line) {
+                        Ok(checkpoint) => external.push(checkpoint),
+                        Err(_) => {
+                            eprintln!("error: {}:{}: not a checkpoint", file.display(), number + 1);
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
+            }
+            // No checkpoint published yet is not an error; a named file
+            // that cannot be read is.
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound
+                    && checkpoints_optional(&loaded, file) => {}
+            Err(error) => {
+                eprintln!("error: {}: {error}", file.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let key = loaded.audit.signing_key.verifying_key();
+    match audit::verify(&store, &key, &external).await {
+        Ok(report) => {
+            let elapsed = started.elapsed();
+            match report.first_bad {
+                None => {
+                    println!(
+                        "intact: {} records, {} checkpoints checked in {:.1} s",
+                        report.entries,
+                        report.checkpoints,
+                        elapsed.as_secs_f64()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some(finding) => {
+                    println!(
+                        "TAMPERED: first bad record {}: {}",
+                        finding.seq, finding.reason
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Whether `file` is the configured checkpoint file (which may not exist
+/// yet), rather than one named on the command line.
+fn checkpoints_optional(loaded: &meshgate_gateway::LoadedConfig, file: &std::path::Path) -> bool {
+    loaded.audit.checkpoint_file.as_deref() == Some(file)
 }
 
 async fn partners_check(config: PathBuf, timeout: Duration) -> ExitCode {

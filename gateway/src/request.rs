@@ -2,8 +2,8 @@
 //!
 //! The principal comes from the bearer token ([`crate::auth`]); the
 //! resolvers note each data access with its per-partner decisions. Audit
-//! records go to an [`AuditSink`] before the response leaves; the durable,
-//! hash-chained log is a later change, and today's sink is the structured log.
+//! records go to the hash-chained [`crate::audit::AuditLog`] before the
+//! response leaves.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -76,6 +76,8 @@ pub struct AuditedAccess {
     /// The research project the access served.
     pub project: String,
     pub filter_fingerprint: String,
+    /// The normalised filter (never result data).
+    pub filter: serde_json::Value,
     pub partners: Vec<AuditedPartner>,
 }
 
@@ -123,26 +125,4 @@ pub struct AuditRecord {
     pub outcome: &'static str,
     pub error_codes: Vec<String>,
     pub accesses: Vec<AuditedAccess>,
-}
-
-/// Where audit records go. A failed write fails the request closed.
-pub trait AuditSink: Send + Sync + std::fmt::Debug {
-    fn record(&self, record: &AuditRecord) -> Result<(), AuditError>;
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the audit log cannot be written")]
-pub struct AuditError;
-
-/// Writes audit records to the structured log (target `meshgate::audit`).
-/// Records hold no patient data, filter values, tokens or credentials.
-#[derive(Debug, Default)]
-pub struct LogAuditSink;
-
-impl AuditSink for LogAuditSink {
-    fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let json = serde_json::to_string(record).map_err(|_| AuditError)?;
-        tracing::info!(target: "meshgate::audit", record = %json, "audit");
-        Ok(())
-    }
 }

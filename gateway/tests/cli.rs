@@ -48,12 +48,17 @@ fn config_check_names_file_line_and_field_and_exits_with_code_2() {
 fn valid_config(dir: &std::path::Path) -> std::path::PathBuf {
     let key = dir.join("pseudonym.key");
     std::fs::write(&key, "x".repeat(32)).unwrap();
+    let checkpoint_key = dir.join("checkpoint.pem");
+    let pem = meshgate().args(["audit", "keygen"]).output().unwrap();
+    assert!(pem.status.success());
+    std::fs::write(&checkpoint_key, &pem.stdout).unwrap();
     let file = dir.join("meshgate.toml");
     std::fs::write(
         &file,
         format!(
-            "[auth]\n[[auth.issuers]]\nissuer = \"https://login.example.org\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/jwks\"\n\n[policies]\nconsortium = []\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ninstitution = \"north\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = \"/data\" }}\n",
-            key.display()
+            "[auth]\n[[auth.issuers]]\nissuer = \"https://login.example.org\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/jwks\"\n\n[policies]\nconsortium = []\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n[audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = \"${{file:{}}}\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ninstitution = \"north\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = \"/data\" }}\n",
+            key.display(),
+            checkpoint_key.display()
         ),
     )
     .unwrap();

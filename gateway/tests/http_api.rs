@@ -13,40 +13,24 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use meshgate_gateway::app::build_app_with_audit;
+use meshgate_gateway::audit::AuditLog;
 use meshgate_gateway::config::{Config, ProcessEnvironment};
 use meshgate_gateway::dev_issuer::DevIssuer;
-use meshgate_gateway::request::{AuditError, AuditRecord, AuditSink};
-use meshgate_gateway::start;
+use meshgate_gateway::{build_app, start};
 use serde_json::{Value, json};
 use tower::ServiceExt;
-
-#[derive(Debug, Default)]
-struct RecordingSink {
-    fail: bool,
-    records: std::sync::Mutex<Vec<AuditRecord>>,
-}
-
-impl AuditSink for RecordingSink {
-    fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        if self.fail {
-            return Err(AuditError);
-        }
-        self.records.lock().unwrap().push(record.clone());
-        Ok(())
-    }
-}
 
 /// A gateway over one empty files partner, trusting a development issuer,
 /// with policies that let approved researchers read identified records.
 struct App {
     router: axum::Router,
     token: String,
+    audit: Arc<AuditLog>,
+    folder: tempfile::TempDir,
     _issuer: DevIssuer,
-    _folder: tempfile::TempDir,
 }
 
-async fn app(sink: Arc<RecordingSink>) -> App {
+async fn app() -> App {
     let folder = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -59,6 +43,12 @@ async fn app(sink: Arc<RecordingSink>) -> App {
     .unwrap();
     let key = folder.path().join("key");
     std::fs::write(&key, "k".repeat(32)).unwrap();
+    let checkpoint_key = folder.path().join("checkpoint.pem");
+    std::fs::write(
+        &checkpoint_key,
+        meshgate_gateway::audit::new_checkpoint_key_pem().unwrap(),
+    )
+    .unwrap();
     let data = folder.path().join("data");
     std::fs::create_dir(&data).unwrap();
     let text = format!(
@@ -74,6 +64,10 @@ consortium = ["allow.cedar"]
 
 [deidentification]
 key = "${{file:{key}}}"
+
+[audit]
+store = "sqlite:audit.db"
+checkpoint_key = "${{file:{checkpoint_key}}}"
 
 [[projects]]
 id = "p1"
@@ -91,6 +85,7 @@ connector = {{ kind = "files", path = "{data}" }}
         issuer = issuer.issuer(),
         jwks = issuer.jwks_url(),
         key = key.display(),
+        checkpoint_key = checkpoint_key.display(),
         data = data.display(),
     );
     let loaded = Config::from_toml(
@@ -103,15 +98,29 @@ connector = {{ kind = "files", path = "{data}" }}
         &json!({"sub": "alice", "roles": ["researcher"], "projects": ["p1"]}),
         Duration::from_secs(300),
     );
+    let gateway = start(&loaded).await.unwrap();
     App {
-        router: build_app_with_audit(start(&loaded).await.unwrap(), sink),
+        audit: Arc::clone(&gateway.services.audit),
+        router: build_app(gateway),
         token,
+        folder,
         _issuer: issuer,
-        _folder: folder,
     }
 }
 
 impl App {
+    /// Every record in the audit log, oldest first, as JSON.
+    async fn records(&self) -> Vec<Value> {
+        self.audit
+            .store()
+            .range(0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| serde_json::from_str(&row.record).unwrap())
+            .collect()
+    }
+
     async fn post(&self, body: impl Into<Body>) -> (StatusCode, Value) {
         self.send(Some(&self.token), body).await.0
     }
@@ -144,49 +153,54 @@ impl App {
 }
 
 #[tokio::test]
-async fn every_request_is_audited_with_partner_outcomes_but_no_filter_values() {
-    let sink = Arc::new(RecordingSink::default());
-    let app = app(Arc::clone(&sink)).await;
+async fn every_request_is_audited_with_its_normalised_query_and_partner_outcomes_but_no_token() {
+    let app = app().await;
     let query = json!({"query": "{ cohortCount(project: \"p1\", filter: {bodyPart: \"CHEST\", description: \"secret words\"}) { total } }"});
     let (status, body) = app.post(query.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["data"]["cohortCount"]["total"], 0);
-    let records = sink.records.lock().unwrap();
+    let records = app.records().await;
     assert_eq!(records.len(), 1);
-    let record = serde_json::to_string(&records[0]).unwrap();
+    let record = records[0].to_string();
     assert!(record.contains("\"partner\":\"empty\""), "{record}");
     assert!(record.contains("\"subject\":\"alice\""), "{record}");
     assert!(record.contains("\"project\":\"p1\""), "{record}");
     assert!(record.contains("\"disclosure\":\"IDENTIFIED\""), "{record}");
     assert!(!record.contains(&app.token), "no token in audit records");
-    assert!(
-        !record.contains("secret words") && !record.contains("CHEST"),
-        "{record}"
-    );
+    let filter = &records[0]["accesses"][0]["filter"];
+    assert_eq!(filter["body_part"], "CHEST", "{record}");
+    assert_eq!(filter["description"], "secret words", "{record}");
 }
 
 #[tokio::test]
-async fn a_request_whose_audit_record_cannot_be_written_fails_closed_with_503() {
-    let sink = Arc::new(RecordingSink {
-        fail: true,
-        ..RecordingSink::default()
-    });
-    let app = app(sink).await;
-    let (status, body) = app
-        .post(json!({"query": "{ imagingStudies(project: \"p1\") { totalCount } }"}).to_string())
-        .await;
+async fn a_read_only_audit_log_fails_requests_closed_with_503_until_it_is_writable_again() {
+    let app = app().await;
+    let query = json!({"query": "{ imagingStudies(project: \"p1\") { totalCount } }"}).to_string();
+    let file = app.folder.path().join("audit.db");
+    let mut permissions = std::fs::metadata(&file).unwrap().permissions();
+    permissions.set_readonly(true);
+    std::fs::set_permissions(&file, permissions.clone()).unwrap();
+    let (status, body) = app.post(query.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["errors"][0]["extensions"]["code"], "AUDIT_UNAVAILABLE");
     assert!(
         body.get("data").is_none(),
         "no data without an audit record: {body}"
     );
+    #[allow(
+        clippy::permissions_set_readonly_false,
+        reason = "the test restores write access"
+    )]
+    permissions.set_readonly(false);
+    std::fs::set_permissions(&file, permissions).unwrap();
+    let (status, body) = app.post(query).await;
+    assert_eq!(status, StatusCode::OK, "recovered by itself: {body}");
+    assert_eq!(app.records().await.len(), 1, "only the answered request");
 }
 
 #[tokio::test]
 async fn malformed_batched_and_oversized_requests_are_refused_with_stable_codes() {
-    let sink = Arc::new(RecordingSink::default());
-    let app = app(Arc::clone(&sink)).await;
+    let app = app().await;
     let batch =
         json!([{"query": "{ partners { id } }"}, {"query": "{ partners { id } }"}]).to_string();
     let huge = json!({"query": format!("{{ partners {{ id }} }} # {}", "x".repeat(300 * 1024))})
@@ -215,15 +229,14 @@ async fn malformed_batched_and_oversized_requests_are_refused_with_stable_codes(
             "{response}"
         );
     }
-    let records = sink.records.lock().unwrap();
+    let records = app.records().await;
     assert_eq!(records.len(), count, "refused requests are audited too");
-    assert!(records.iter().all(|r| r.outcome == "failure"));
+    assert!(records.iter().all(|r| r["outcome"] == "failure"));
 }
 
 #[tokio::test]
 async fn requests_without_a_valid_token_get_401_with_a_challenge_before_anything_else() {
-    let sink = Arc::new(RecordingSink::default());
-    let app = app(Arc::clone(&sink)).await;
+    let app = app().await;
     let query = json!({"query": "{ cohortCount(project: \"p1\") { total } }"}).to_string();
     let ((status, body), challenge) = app.send(None, query.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -236,18 +249,18 @@ async fn requests_without_a_valid_token_get_401_with_a_challenge_before_anything
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(challenge.unwrap().contains(r#"error="invalid_token""#));
 
-    let records = sink.records.lock().unwrap();
+    let records = app.records().await;
     assert_eq!(records.len(), 2, "refusals are audited");
     assert!(
         records
             .iter()
-            .all(|r| r.principal.is_none() && r.outcome == "failure")
+            .all(|r| r["principal"].is_null() && r["outcome"] == "failure")
     );
 }
 
 #[tokio::test]
 async fn a_query_for_an_unregistered_project_is_refused_with_its_code() {
-    let app = app(Arc::new(RecordingSink::default())).await;
+    let app = app().await;
     let (status, body) = app
         .post(json!({"query": "{ cohortCount(project: \"nope\") { total } }"}).to_string())
         .await;
@@ -257,7 +270,7 @@ async fn a_query_for_an_unregistered_project_is_refused_with_its_code() {
 
 #[tokio::test]
 async fn me_returns_the_principal_mapped_from_the_token() {
-    let app = app(Arc::new(RecordingSink::default())).await;
+    let app = app().await;
     let (status, body) = app
         .post(json!({"query": "{ me { subject roles projects institution } }"}).to_string())
         .await;

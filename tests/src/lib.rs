@@ -418,6 +418,8 @@ pub struct Gateway {
     /// A researcher approved for the ground-truth and example projects.
     pub token: String,
     client: reqwest::Client,
+    /// The configuration it runs with (its audit log is `audit.db` beside it).
+    pub config_file: PathBuf,
     _dir: tempfile::TempDir,
     _stop: oneshot::Sender<()>,
 }
@@ -442,6 +444,12 @@ impl Gateway {
             .unwrap();
         let key = dir.path().join("pseudonym.key");
         std::fs::write(&key, "test pseudonymisation key material, 32+ bytes").unwrap();
+        let checkpoint_key = dir.path().join("checkpoint-key.pem");
+        std::fs::write(
+            &checkpoint_key,
+            meshgate_gateway::audit::new_checkpoint_key_pem().unwrap(),
+        )
+        .unwrap();
         let allow = dir.path().join("allow.cedar");
         std::fs::write(
             &allow,
@@ -509,14 +517,18 @@ impl Gateway {
         };
         let text = format!(
             "listen = \"127.0.0.1:0\"\n\n[auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"meshgate\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
-             [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n{projects}\n{partners}",
+             [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n\
+             [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n{projects}\n{partners}",
             issuer = toml_string(issuer.issuer()),
             jwks = toml_string(&issuer.jwks_url()),
             consortium = toml_string(&consortium),
             key = toml_string(&format!("${{file:{}}}", key.display())),
+            checkpoint_key = toml_string(&format!("${{file:{}}}", checkpoint_key.display())),
             partners = toml::to_string(&partners).unwrap(),
         );
-        let loaded = Config::from_toml(&text, &dir.path().join("e2e.toml"), &ProcessEnvironment)
+        let config_file = dir.path().join("e2e.toml");
+        std::fs::write(&config_file, &text).unwrap();
+        let loaded = Config::from_toml(&text, &config_file, &ProcessEnvironment)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let app = build_app(start(&loaded).await.unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -539,6 +551,7 @@ impl Gateway {
             issuer,
             token,
             client: reqwest::Client::new(),
+            config_file,
             _dir: dir,
             _stop: stop,
         }
