@@ -745,12 +745,18 @@ impl GroundTruth {
     }
 }
 
-/// Validates FHIR resources with the independent validator in
-/// `tests/fhir/validate_imaging_study.py` (Python `fhir.resources`).
+/// Validates ImagingStudy resources with the independent validator.
 pub fn validate_imaging_studies(resources: &[Value]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/validate_imaging_study.py");
+    validate_fhir("ImagingStudy", resources);
+}
+
+/// Validates FHIR R4 resources of one type with the independent validator
+/// in `tests/fhir/validate.py` (Python `fhir.resources`).
+pub fn validate_fhir(resource_type: &str, resources: &[Value]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/validate.py");
     let mut child = Command::new("python3")
         .arg(script)
+        .arg(resource_type)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
