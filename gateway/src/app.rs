@@ -454,23 +454,48 @@ async fn graphiql() -> Html<String> {
     )
 }
 
-async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+/// Who is calling: the client's address and the `Authorization` header.
+fn caller(request: &Request) -> (Option<SocketAddr>, Option<String>) {
     let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
-    let mut context = RequestContext::new(request_id.clone(), client);
-
-    // No valid token: 401, audited, and nothing else happens.
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
-    match state.authenticator.authenticate(authorization).await {
-        Ok(principal) => context.principal = Some(principal),
-        Err(error) => return unauthenticated(&state, &context, &error).await,
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    (client, authorization)
+}
+
+/// The request's context with its principal; without a valid token, the
+/// audited 401 (or 503 when the issuer's keys cannot be fetched) to send
+/// instead — before anything else happens.
+async fn authenticate(
+    state: &AppState,
+    (client, authorization): (Option<SocketAddr>, Option<String>),
+) -> Result<RequestContext, Response> {
+    let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let mut context = RequestContext::new(request_id, client);
+    match state
+        .authenticator
+        .authenticate(authorization.as_deref())
+        .await
+    {
+        Ok(principal) => {
+            context.principal = Some(principal);
+            Ok(context)
+        }
+        Err(error) => Err(unauthenticated(state, &context, &error).await),
     }
+}
+
+async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    let context = match authenticate(&state, caller(&request)).await {
+        Ok(context) => context,
+        Err(refusal) => return refusal,
+    };
+    let request_id = context.request_id.clone();
 
     let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
         Ok(body) => body,
@@ -657,21 +682,14 @@ async fn export_audit_events(
     axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
     request: Request,
 ) -> Response {
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
-    let mut context = RequestContext::new(request_id.clone(), client);
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
-    let principal = match state.authenticator.authenticate(authorization).await {
-        Ok(principal) => principal,
-        Err(error) => return unauthenticated(&state, &context, &error).await,
+    let context = match authenticate(&state, caller(&request)).await {
+        Ok(context) => context,
+        Err(refusal) => return refusal,
     };
-    context.principal = Some(principal.clone());
+    let request_id = context.request_id.clone();
+    let Some(principal) = context.principal.clone() else {
+        return audit_unavailable(&request_id);
+    };
     let param = |name: &str| {
         params
             .iter()

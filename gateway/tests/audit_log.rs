@@ -256,22 +256,31 @@ async fn every_answered_request_survives_sigkill_at_random_moments_and_the_chain
         let port = free_port();
         config = setup.config("crash", port, "sqlite:audit.db", &connector);
         let mut gateway = serve(&config, port).await;
+        let answered_now = Arc::new(AtomicU32::new(0));
         let senders: Vec<_> = (0..4)
             .map(|_| {
                 let client = client.clone();
                 let token = setup.token.clone();
+                let answered_now = Arc::clone(&answered_now);
                 tokio::spawn(async move {
                     let mut ids = Vec::new();
                     while let Some((status, id)) = query(&client, port, &token).await {
                         if (200..300).contains(&status) {
                             ids.push(id);
+                            answered_now.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                     ids
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..80))).await;
+        // Once traffic flows (however loaded the machine), at a random
+        // moment within the next 60 ms.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while answered_now.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..60))).await;
         // SIGKILL: no shutdown, no flush, no goodbye.
         gateway.0.kill().unwrap();
         gateway.0.wait().unwrap();
@@ -280,7 +289,7 @@ async fn every_answered_request_survives_sigkill_at_random_moments_and_the_chain
         }
     }
     assert!(
-        answered.len() > iterations,
+        answered.len() >= iterations,
         "too few answers to mean much: {}",
         answered.len()
     );
