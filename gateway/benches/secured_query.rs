@@ -135,7 +135,7 @@ fn benches(c: &mut Criterion) {
         projects: vec!["lung-cancer".into()],
         ..Default::default()
     };
-    let baseline_schema = schema(open.services.clone());
+    let baseline_schema = schema(open.services.clone(), open.server.profile);
     let open_router = build_app(open);
     let secured_router = build_app(secured);
 

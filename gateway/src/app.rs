@@ -39,8 +39,10 @@ use crate::config::{
     AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
     LoadedConfig, parse_utc_offset,
 };
+use crate::config::{ServerProfile, ServerSection};
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
+use crate::limits;
 use crate::request::{AuditRecord, RequestContext};
 
 /// Largest request body accepted.
@@ -50,6 +52,7 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 struct AppState {
     schema: MeshgateSchema,
     services: Services,
+    server: ServerSection,
     authenticator: Arc<Authenticator>,
     audit: Arc<AuditLog>,
     fatal: FatalHandler,
@@ -77,6 +80,7 @@ pub const STARTUP_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Gateway {
     pub services: Services,
     pub authenticator: Arc<Authenticator>,
+    pub server: ServerSection,
 }
 
 /// Builds the connectors, loads the policies and sets up token verification.
@@ -113,6 +117,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
             audit,
         },
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
+        server: loaded.config.server,
     })
 }
 
@@ -417,7 +422,8 @@ pub const EXIT_AUDIT_STORAGE: i32 = 70;
 /// The gateway's routes, with what to do on a fatal audit storage error.
 pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
     let state = AppState {
-        schema: schema(gateway.services.clone()),
+        schema: schema(gateway.services.clone(), gateway.server.profile),
+        server: gateway.server,
         audit: Arc::clone(&gateway.services.audit),
         services: gateway.services,
         authenticator: gateway.authenticator,
@@ -431,27 +437,114 @@ pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then drains.
+/// Serves `app` on `listener` until `shutdown` completes, then drains the
+/// requests in flight (at most [`DRAIN_TIMEOUT`]). At most
+/// `server.max_connections` connections are open at once (more wait in the
+/// listen backlog); a connection whose request headers do not arrive within
+/// `server.header_timeout_ms` is closed (bodies are timed by the handler).
 pub async fn run(
     listener: TcpListener,
     app: Router,
+    server: &ServerSection,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
+    let header_timeout = Duration::from_millis(server.header_timeout_ms.max(1));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit,
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permit else { break };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(remote));
+                request.map(Body::new)
+            },
+        );
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service),
+            );
+            let mut connection = std::pin::pin!(connection);
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => break,
+                    changed = stop.changed() => {
+                        connection.as_mut().graceful_shutdown();
+                        if changed.is_err() {
+                            let _ = connection.as_mut().await;
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Drain: every connection finishes its request in flight, then closes.
+    let _ = stop_tx.send(true);
+    let all = server.max_connections.max(1) as u32;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await;
+    if drained.is_err() {
+        tracing::warn!("connections still open after the drain timeout; closing");
+    }
+    Ok(())
 }
 
-async fn graphiql() -> Html<String> {
+/// How long shutdown waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `GET /graphql`: GraphiQL in the development profile. Operations are
+/// never executed over GET (a link or an image tag must not run a query,
+/// let alone a mutation): `405 METHOD_NOT_ALLOWED`.
+async fn graphiql(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    let asks_operation = uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair.starts_with("query=")));
+    if asks_operation || state.server.profile == ServerProfile::Production {
+        let mut response = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "",
+            json!({"errors": [{"message": "GraphQL operations are sent with POST", "extensions": {"code": "METHOD_NOT_ALLOWED"}}]}),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
     Html(
         GraphiQLSource::build()
             .endpoint("/graphql")
             .title("meshgate")
             .finish(),
     )
+    .into_response()
 }
 
 /// Who is calling: the client's address and the `Authorization` header.
@@ -497,9 +590,25 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     };
     let request_id = context.request_id.clone();
 
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
-        Ok(body) => body,
+    let body_timeout = Duration::from_millis(state.server.body_timeout_ms);
+    let body = match tokio::time::timeout(
+        body_timeout,
+        axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
         Err(_) => {
+            return refuse(
+                &state,
+                &context,
+                StatusCode::REQUEST_TIMEOUT,
+                "REQUEST_TIMEOUT",
+                "the request body did not arrive in time",
+            )
+            .await;
+        }
+        Ok(Err(_)) => {
             return refuse(
                 &state,
                 &context,
@@ -524,17 +633,22 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         }
     };
     // Parsed once here (and kept in the request for execution) so that a
-    // syntax error gets its own code.
-    if let Err(error) = gql_request.parsed_query() {
-        let message = format!("the query is not valid GraphQL: {error}");
-        return refuse(
-            &state,
-            &context,
-            StatusCode::BAD_REQUEST,
-            "GRAPHQL_PARSE_FAILED",
-            &message,
+    // syntax error gets its own code; then measured, fully expanded,
+    // before anything runs.
+    let checked = match gql_request.parsed_query() {
+        Ok(document) => limits::check(
+            document,
+            state.server.limits,
+            state.server.profile == ServerProfile::Development,
         )
-        .await;
+        .map_err(|error| (error.code(), error.to_string())),
+        Err(error) => Err((
+            "GRAPHQL_PARSE_FAILED",
+            format!("the query is not valid GraphQL: {error}"),
+        )),
+    };
+    if let Err((code, message)) = checked {
+        return refuse(&state, &context, StatusCode::BAD_REQUEST, code, &message).await;
     }
     // No partner is asked while the audit log cannot be written.
     if state.audit.ready().await.is_err() {

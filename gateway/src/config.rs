@@ -22,6 +22,7 @@ use toml::Spanned;
 
 use crate::audit::{AuditSettings, StoreLocation};
 use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
+use crate::limits::QueryLimits;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +39,9 @@ pub struct Config {
     pub deidentification: DeidentificationSection,
     /// The tamper-evident audit log.
     pub audit: AuditSection,
+    /// How the HTTP server protects itself.
+    #[serde(default)]
+    pub server: ServerSection,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,
@@ -133,6 +137,44 @@ pub struct PoliciesSection {
 pub struct DeidentificationSection {
     /// At least 32 bytes, as `${env:NAME}` or `${file:PATH}`.
     pub key: SecretRef,
+}
+
+/// `[server]`: limits on connections and requests.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// `production` (default): no introspection, no field suggestions.
+    /// `development`: both on, for GraphiQL.
+    pub profile: ServerProfile,
+    /// Open connections at most; more wait to be accepted.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this…
+    pub header_timeout_ms: u64,
+    /// …and its body within this, or the connection is closed.
+    pub body_timeout_ms: u64,
+    /// What one GraphQL document may ask for.
+    pub limits: QueryLimits,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            profile: ServerProfile::Production,
+            max_connections: 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            limits: QueryLimits::default(),
+        }
+    }
+}
+
+/// Whether the API describes itself to callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerProfile {
+    #[default]
+    Production,
+    Development,
 }
 
 /// `[audit]`: where the audit log lives and how its head is signed.

@@ -180,7 +180,8 @@ pub fn prepare(
          [auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"{DEV_AUDIENCE}\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
          [policies]\nconsortium = [\"policies/consortium\"]\n\n\
          [deidentification]\nkey = {key}\n\n\
-         [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_file = \"audit-checkpoints.jsonl\"\n",
+         [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_file = \"audit-checkpoints.jsonl\"\n\n\
+         [server]\nprofile = \"development\"   # introspection on, for GraphiQL\n",
         issuer = quoted(issuer.issuer.clone()),
         jwks = quoted(issuer.jwks_url.clone()),
         key = quoted(format!("${{file:{}}}", key_file.display())),

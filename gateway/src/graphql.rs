@@ -17,6 +17,7 @@ use meshgate_schema::{Principal, QueryError, StudyQuery};
 
 use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
 use crate::audit::{AuditLog, Scope, Selection};
+use crate::config::ServerProfile;
 use crate::cursor::{self, CursorError};
 use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
 use crate::request::{AuditedAccess, AuditedPartner, RequestContext};
@@ -37,11 +38,16 @@ pub struct Services {
     pub audit: Arc<AuditLog>,
 }
 
-/// Builds the schema over a federation of partners and its policies.
-pub fn schema(services: Services) -> MeshgateSchema {
-    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
-        .data(services)
-        .finish()
+/// Builds the schema over a federation of partners and its policies. In
+/// production the API does not describe itself: no introspection, and no
+/// "did you mean" suggestions in validation errors.
+pub fn schema(services: Services, profile: ServerProfile) -> MeshgateSchema {
+    let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription).data(services);
+    match profile {
+        ServerProfile::Production => builder.disable_introspection().disable_suggestions(),
+        ServerProfile::Development => builder,
+    }
+    .finish()
 }
 
 /// The committed SDL text for this schema.

@@ -30,6 +30,7 @@ pub mod demo;
 pub mod dev_issuer;
 pub mod federation;
 pub mod graphql;
+pub mod limits;
 pub mod request;
 pub mod synth;
 

@@ -473,7 +473,8 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
             demo::SAMPLE_QUERY
         );
     }
-    run(listener, build_app(gateway), shutdown_signal()).await?;
+    let server = gateway.server;
+    run(listener, build_app(gateway), &server, shutdown_signal()).await?;
     Ok(())
 }
 

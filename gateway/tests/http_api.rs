@@ -9,28 +9,56 @@
 )]
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use meshgate_gateway::audit::AuditLog;
-use meshgate_gateway::config::{Config, ProcessEnvironment};
+use meshgate_gateway::config::{Config, ProcessEnvironment, ServerSection};
 use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::{build_app, start};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-/// A gateway over one empty files partner, trusting a development issuer,
-/// with policies that let approved researchers read identified records.
+/// A gateway over one DICOMweb partner that holds nothing and counts the
+/// requests it gets, trusting a development issuer, with policies that let
+/// approved researchers read identified records.
 struct App {
     router: axum::Router,
     token: String,
     audit: Arc<AuditLog>,
+    server: ServerSection,
+    /// Requests the partner has had.
+    partner_hits: Arc<AtomicU32>,
     folder: tempfile::TempDir,
     _issuer: DevIssuer,
 }
 
 async fn app() -> App {
+    app_with("").await
+}
+
+/// A partner that answers every QIDO-RS search with no rows.
+async fn counting_partner() -> (String, Arc<AtomicU32>) {
+    let hits = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&hits);
+    let partner = axum::Router::new().fallback(move || {
+        let counter = Arc::clone(&counter);
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            ([("content-type", "application/dicom+json")], "[]")
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dicom-web/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, partner).await });
+    (url, hits)
+}
+
+/// The same, with a `[server]` section (TOML, may be empty).
+async fn app_with(server: &str) -> App {
+    let (partner, partner_hits) = counting_partner().await;
     let folder = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -49,8 +77,6 @@ async fn app() -> App {
         meshgate_gateway::audit::new_checkpoint_key_pem().unwrap(),
     )
     .unwrap();
-    let data = folder.path().join("data");
-    std::fs::create_dir(&data).unwrap();
     let text = format!(
         r#"
 [auth]
@@ -80,13 +106,14 @@ name = "Empty archive"
 institution = "archive"
 data_use = {{ permission = "DUO:0000042" }}
 policies = ["allow.cedar"]
-connector = {{ kind = "files", path = "{data}" }}
+connector = {{ kind = "dicomweb", url = "{partner}" }}
+
+{server}
 "#,
         issuer = issuer.issuer(),
         jwks = issuer.jwks_url(),
         key = key.display(),
         checkpoint_key = checkpoint_key.display(),
-        data = data.display(),
     );
     let loaded = Config::from_toml(
         &text,
@@ -101,6 +128,8 @@ connector = {{ kind = "files", path = "{data}" }}
     let gateway = start(&loaded).await.unwrap();
     App {
         audit: Arc::clone(&gateway.services.audit),
+        server: gateway.server,
+        partner_hits,
         router: build_app(gateway),
         token,
         folder,
@@ -279,4 +308,181 @@ async fn me_returns_the_principal_mapped_from_the_token() {
         body["data"]["me"],
         json!({"subject": "alice", "roles": ["RESEARCHER"], "projects": ["p1"], "institution": null})
     );
+}
+
+#[tokio::test]
+async fn hostile_documents_are_refused_with_their_code_before_any_partner_is_asked() {
+    let app = app().await;
+    let before = app.partner_hits.load(Ordering::SeqCst);
+    let count = "cohortCount(project: \"p1\") { total }";
+    let deep = format!("{{ {}{count}{} }}", "me { ".repeat(12), " }".repeat(12));
+    let aliases: String = (0..21).map(|n| format!("c{n}: {count} ")).collect();
+    let mut fan_out = format!("query {{ {count} partners {{ ...a }} }}\nfragment a on Partner {{ ");
+    fan_out.push_str(&"...b ".repeat(10));
+    fan_out.push_str("}\nfragment b on Partner { ");
+    fan_out.push_str(&"...c ".repeat(10));
+    fan_out.push_str("}\nfragment c on Partner { ");
+    fan_out.push_str(&"id name ".repeat(10));
+    fan_out.push('}');
+    let roots: String = (0..7).map(|n| format!("r{n}: me {{ subject }} ")).collect();
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        (deep, StatusCode::BAD_REQUEST, "QUERY_TOO_DEEP"),
+        (
+            format!("{{ {aliases} }}"),
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_ALIASES",
+        ),
+        (fan_out, StatusCode::BAD_REQUEST, "QUERY_TOO_COMPLEX"),
+        (
+            format!("{{ {roots} }}"),
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_ROOT_FIELDS",
+        ),
+        (
+            format!("{{ {count} me @leak {{ subject }} }}"),
+            StatusCode::BAD_REQUEST,
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        // Production profile: the API does not describe itself.
+        (
+            "{ __schema { types { name } } }".into(),
+            StatusCode::BAD_REQUEST,
+            "INTROSPECTION_DISABLED",
+        ),
+    ];
+    for (query, status, code) in cases {
+        let (got, body) = app.post(json!({"query": query}).to_string()).await;
+        assert_eq!(
+            (got, body["errors"][0]["extensions"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+        assert!(body.get("data").is_none_or(Value::is_null), "{body}");
+    }
+    // No suggestions either: a misspelt field is not corrected.
+    let (_, body) = app
+        .post(json!({"query": "{ partnrs { id } }"}).to_string())
+        .await;
+    assert!(!body.to_string().contains("Did you mean"), "{body}");
+    // Never executed over GET, mutation or not.
+    let response = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/graphql?query=mutation%7Bx%7D")
+                .header("authorization", format!("Bearer {}", app.token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(
+        app.partner_hits.load(Ordering::SeqCst),
+        before,
+        "no partner was asked"
+    );
+    // An ordinary query still reaches the partner.
+    let (status, _) = app
+        .post(json!({"query": format!("{{ {count} }}")}).to_string())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(app.partner_hits.load(Ordering::SeqCst) > before);
+}
+
+impl App {
+    /// Serves the app on a real socket with its `[server]` settings.
+    async fn listen(self) -> (std::net::SocketAddr, App) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = self.router.clone();
+        let server = self.server;
+        tokio::spawn(async move {
+            meshgate_gateway::run(listener, router, &server, std::future::pending()).await
+        });
+        (address, self)
+    }
+}
+
+/// Reads what the server sends until it closes the connection (or `wait`
+/// passes): the bytes, and whether it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&received).into_owned(), true);
+            }
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_and_slow_bodies_are_cut_off_after_their_timeouts() {
+    use tokio::io::AsyncWriteExt as _;
+    let (address, app) = app_with("[server]\nheader_timeout_ms = 300\nbody_timeout_ms = 300\n")
+        .await
+        .listen()
+        .await;
+    // Headers that never finish: the connection is closed.
+    let mut slow_headers = tokio::net::TcpStream::connect(address).await.unwrap();
+    slow_headers
+        .write_all(b"POST /graphql HTTP/1.1\r\nHost: meshgate\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_until_closed(&mut slow_headers, Duration::from_secs(5)).await;
+    assert!(closed, "a connection with unfinished headers stays open");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A body that never finishes: 408 with its code, and it is audited.
+    let mut slow_body = tokio::net::TcpStream::connect(address).await.unwrap();
+    slow_body
+        .write_all(
+            format!(
+                "POST /graphql HTTP/1.1\r\nHost: meshgate\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"query\":",
+                app.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (response, _) = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("REQUEST_TIMEOUT"), "{response}");
+}
+
+#[tokio::test]
+async fn open_connections_are_capped() {
+    use tokio::io::AsyncWriteExt as _;
+    let (address, app) = app_with("[server]\nmax_connections = 2\nheader_timeout_ms = 5000\n")
+        .await
+        .listen()
+        .await;
+    let idle_one = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _idle_two = tokio::net::TcpStream::connect(address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+    let body = json!({"query": "{ me { subject } }"}).to_string();
+    third
+        .write_all(
+            format!(
+                "POST /graphql HTTP/1.1\r\nHost: meshgate\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                app.token,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (nothing, _) = read_until_closed(&mut third, Duration::from_millis(500)).await;
+    assert!(nothing.is_empty(), "served beyond the cap: {nothing}");
+    drop(idle_one);
+    let (response, _) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }

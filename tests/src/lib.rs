@@ -530,13 +530,18 @@ impl Gateway {
         std::fs::write(&config_file, &text).unwrap();
         let loaded = Config::from_toml(&text, &config_file, &ProcessEnvironment)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let app = build_app(start(&loaded).await.unwrap());
+        let gateway = start(&loaded).await.unwrap();
+        let server = gateway.server;
+        let app = build_app(gateway);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/graphql", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(run(listener, app, async {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(async move {
+            run(listener, app, &server, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
         let token = issuer.token(
             &json!({
                 "sub": "e2e-researcher",
