@@ -26,9 +26,21 @@ pub(crate) struct Answer {
     pub body: bytes::Bytes,
 }
 
-/// Sends one request and reads its whole body.
-pub(crate) async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
-    let response = request.send().await?;
+/// The largest response body read from a partner; a larger one is refused
+/// (`PARTNER_RESPONSE_TOO_LARGE`) as soon as it is announced or read that
+/// far, so memory stays bounded whatever a partner sends.
+pub const MAX_RESPONSE_BYTES: usize = 32 << 20;
+
+/// Why a response could not be had.
+#[derive(Debug)]
+pub(crate) enum FetchError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// Sends one request and reads its whole body, up to [`MAX_RESPONSE_BYTES`].
+pub(crate) async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, FetchError> {
+    let mut response = request.send().await.map_err(FetchError::Transport)?;
     let status = response.status();
     let header = |name| {
         response
@@ -41,11 +53,24 @@ pub(crate) async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, re
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_secs);
     let content_encoding = header(reqwest::header::CONTENT_ENCODING);
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(FetchError::Transport)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
     Ok(Answer {
         status,
         retry_after,
         content_encoding,
-        body: response.bytes().await?,
+        body: body.freeze(),
     })
 }
 
@@ -61,7 +86,16 @@ pub(crate) async fn send_idempotent(
     loop {
         match fetch(request()).await {
             Ok(answer) => return Ok(answer),
-            Err(error) if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS => {
+            Err(FetchError::TooLarge) => {
+                tracing::warn!(
+                    limit_bytes = MAX_RESPONSE_BYTES,
+                    "a partner's response is larger than meshgate reads"
+                );
+                return Err(ConnectorError::ResponseTooLarge);
+            }
+            Err(FetchError::Transport(error))
+                if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS =>
+            {
                 tracing::debug!(
                     kind = transport_kind(&error),
                     attempt,
@@ -69,22 +103,31 @@ pub(crate) async fn send_idempotent(
                 );
                 attempt += 1;
             }
-            Err(error) => return Err(ConnectorError::Unreachable(transport_kind(&error))),
+            Err(FetchError::Transport(error)) => {
+                return Err(ConnectorError::Unreachable(transport_kind(&error)));
+            }
         }
     }
 }
 
 /// How long to wait before trying a throttled request again, if it should
-/// be: the `Retry-After` asked for, else exponential backoff from 200 ms;
+/// be: the `Retry-After` asked for, else exponential backoff from 200 ms
+/// with jitter;
 /// `None` once [`THROTTLED_ATTEMPTS`] are used or the wait is too long.
 pub(crate) fn throttle_wait(answer: &Answer, throttled_so_far: u32) -> Option<Duration> {
     if answer.status != StatusCode::TOO_MANY_REQUESTS || throttled_so_far + 1 >= THROTTLED_ATTEMPTS
     {
         return None;
     }
-    let wait = answer
-        .retry_after
-        .unwrap_or(Duration::from_millis(200 << throttled_so_far));
+    // Without a `Retry-After`: exponential backoff with jitter (half to
+    // all of it), so that callers throttled together do not return together.
+    let wait = answer.retry_after.unwrap_or_else(|| {
+        let base = 200_u64 << throttled_so_far;
+        Duration::from_millis(rand::Rng::gen_range(
+            &mut rand::thread_rng(),
+            base / 2..=base,
+        ))
+    });
     (wait <= MAX_RETRY_AFTER).then_some(wait)
 }
 

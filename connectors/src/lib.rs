@@ -95,6 +95,9 @@ pub enum ConnectorError {
     /// The partner's store answered with an error status.
     #[error("the partner's store answered HTTP {0}")]
     UpstreamStatus(u16),
+    /// The partner's store sent a response larger than meshgate reads.
+    #[error("the partner's store sent a response larger than meshgate reads")]
+    ResponseTooLarge,
     /// The partner's store answered with something that is not DICOM JSON.
     #[error("the partner's store sent a response that is not valid DICOM JSON")]
     BadResponse,
@@ -116,6 +119,7 @@ impl ConnectorError {
             ConnectorError::StoreNotFound => "PARTNER_STORE_NOT_FOUND",
             ConnectorError::UpstreamStatus(_) => "PARTNER_HTTP_ERROR",
             ConnectorError::BadResponse => "PARTNER_BAD_RESPONSE",
+            ConnectorError::ResponseTooLarge => "PARTNER_RESPONSE_TOO_LARGE",
             ConnectorError::Storage(_) => "PARTNER_STORAGE_ERROR",
             ConnectorError::Config(_) => "CONNECTOR_MISCONFIGURED",
         }

@@ -10,6 +10,7 @@
     reason = "tests fail loudly"
 )]
 
+use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +39,8 @@ enum Quirk {
     Status(u16),
     /// Answers 200 with something that is not DICOM JSON.
     Garbage,
+    /// Answers 200 with an endless body, streamed without a length.
+    Endless,
     /// Requires this exact Authorization header.
     RequireAuth(&'static str),
 }
@@ -81,6 +84,11 @@ async fn studies(
         }
         Quirk::Garbage => {
             return (StatusCode::OK, "<html>SECRET-UPSTREAM-BODY</html>").into_response();
+        }
+        Quirk::Endless => {
+            let chunk = bytes::Bytes::from(vec![b' '; 1 << 20]);
+            let body = futures::stream::repeat(chunk).map(Ok::<_, std::io::Error>);
+            return (StatusCode::OK, axum::body::Body::from_stream(body)).into_response();
         }
         Quirk::RequireAuth(expected)
             if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected) =>
@@ -265,6 +273,8 @@ async fn server_errors_garbage_and_dead_hosts_become_typed_errors_without_upstre
         // A store (or partition) that is not there.
         (Quirk::Status(404), "PARTNER_STORE_NOT_FOUND", false),
         (Quirk::Garbage, "PARTNER_BAD_RESPONSE", false),
+        // Memory stays bounded: reading stops at the response size cap.
+        (Quirk::Endless, "PARTNER_RESPONSE_TOO_LARGE", false),
         // Throttled on every try (backing off 0.2, 0.4, 0.8 s without Retry-After).
         (Quirk::Status(429), "PARTNER_THROTTLED", true),
     ];

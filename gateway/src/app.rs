@@ -43,6 +43,7 @@ use crate::config::{ServerProfile, ServerSection};
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
 use crate::limits;
+use crate::protection::Guard;
 use crate::request::{AuditRecord, RequestContext};
 
 /// Largest request body accepted.
@@ -372,6 +373,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             id,
             name: partner.name.clone(),
             connector,
+            guard: Guard::new(partner.protection),
             deadline: partner.deadline(),
             control: partner.count_control(),
             mapping: MappingOptions {

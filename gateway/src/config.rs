@@ -23,6 +23,7 @@ use toml::Spanned;
 use crate::audit::{AuditSettings, StoreLocation};
 use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
 use crate::limits::QueryLimits;
+use crate::protection::ProtectionConfig;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +249,9 @@ pub struct PartnerConfig {
     /// How long this partner may take to answer one query.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Concurrency limit and circuit breaker for calls to this partner.
+    #[serde(default)]
+    pub protection: ProtectionConfig,
     /// The partner's UTC offset (`+01:00`), used for study times that carry
     /// no Timezone Offset From UTC of their own.
     #[serde(default)]

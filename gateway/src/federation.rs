@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_graphql::ID;
 use futures::future::join_all;
-use meshgate_connectors::{Connector, ConnectorError, SearchOutcome};
+use meshgate_connectors::{Connector, ConnectorError, Fault, SearchOutcome};
 use meshgate_policies::deid::ShiftBasis;
 use meshgate_policies::{
     CellKeys, CountControl, Deidentifier, DisclosedCount, Disclosure, Profile, Total,
@@ -27,12 +27,16 @@ use meshgate_schema::{Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 
+use crate::protection::{Guard, Refusal};
+
 /// A partner and the connector that reaches it.
 #[derive(Debug)]
 pub struct Partner {
     pub id: String,
     pub name: String,
     pub connector: Arc<dyn Connector>,
+    /// Concurrency limit and circuit breaker.
+    pub guard: Guard,
     pub deadline: Duration,
     pub mapping: MappingOptions,
     /// Count disclosure control for callers who are not its own staff.
@@ -133,6 +137,8 @@ enum Failure {
     Timeout,
     Connector(ConnectorError),
     Denied(Vec<String>),
+    /// Not called: the partner's circuit breaker is open.
+    CircuitOpen,
 }
 
 /// One partner's answer to the search phase.
@@ -312,18 +318,16 @@ impl Federation {
                     }
                     None => query,
                 };
-                match timeout_at(deadline, partner.connector.search(asked)).await {
-                    Ok(Ok(mut outcome)) => {
+                guarded(&partner, deadline, partner.connector.search(asked))
+                    .await
+                    .map(|mut outcome| {
                         if let Some(deid) = pseudonymous {
                             outcome
                                 .studies
                                 .retain(|study| query.study_uids.contains(&deid.uid(&study.uid)));
                         }
-                        Ok(outcome)
-                    }
-                    Ok(Err(error)) => Err(Failure::Connector(error)),
-                    Err(_) => Err(Failure::Timeout),
-                }
+                        outcome
+                    })
             };
             if let Err(failure) = &result {
                 log_failure(&partner.id, failure, "search");
@@ -407,16 +411,13 @@ impl Federation {
                     return (bucket, None, None);
                 }
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();
-                let failure = match timeout_at(
+                let failure = guarded(
+                    &search.partner,
                     search.deadline,
                     search.partner.connector.load_series(&mut studies),
                 )
                 .await
-                {
-                    Ok(Ok(())) => None,
-                    Ok(Err(error)) => Some(Failure::Connector(error)),
-                    Err(_) => Some(Failure::Timeout),
-                };
+                .err();
                 if let Some(failure) = &failure {
                     log_failure(&search.partner.id, failure, "series");
                 }
@@ -530,8 +531,39 @@ fn status(search: &PartnerSearch) -> PartnerStatus {
     status
 }
 
+/// Calls a partner through its guard: not at all while its breaker is
+/// open, after waiting for a call slot, within `deadline`; the outcome
+/// feeds the breaker (only the partner's own faults count against it).
+async fn guarded<T>(
+    partner: &Partner,
+    deadline: Instant,
+    call: impl Future<Output = Result<T, ConnectorError>>,
+) -> Result<T, Failure> {
+    let _admission = match partner.guard.admit(deadline).await {
+        Ok(admission) => admission,
+        Err(Refusal::CircuitOpen) => return Err(Failure::CircuitOpen),
+        Err(Refusal::Busy) => return Err(Failure::Timeout),
+    };
+    let result = match timeout_at(deadline, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Failure::Connector(error)),
+        Err(_) => Err(Failure::Timeout),
+    };
+    partner.guard.record(match &result {
+        Ok(_) => true,
+        Err(Failure::Connector(error)) => error.fault() != Fault::Upstream,
+        Err(_) => false,
+    });
+    result
+}
+
 fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {
     match failure {
+        Failure::CircuitOpen => (
+            PartnerOutcome::CircuitOpen,
+            "PARTNER_CIRCUIT_OPEN".to_owned(),
+            "the partner failed repeatedly and is not being called for now".to_owned(),
+        ),
         Failure::Timeout => (
             PartnerOutcome::Timeout,
             "PARTNER_TIMEOUT".to_owned(),
@@ -561,6 +593,9 @@ fn log_failure(partner: &str, failure: &Failure, phase: &'static str) {
             tracing::warn!(partner, phase, code = error.code(), %error, "partner failed")
         }
         Failure::Denied(_) => tracing::debug!(partner, "partner not asked: denied by policy"),
+        Failure::CircuitOpen => {
+            tracing::debug!(partner, phase, "partner not asked: circuit breaker open")
+        }
     }
 }
 

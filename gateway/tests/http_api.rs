@@ -9,7 +9,7 @@
 )]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -31,6 +31,8 @@ struct App {
     server: ServerSection,
     /// Requests the partner has had.
     partner_hits: Arc<AtomicU32>,
+    /// While set, the partner answers 500.
+    partner_failing: Arc<AtomicBool>,
     folder: tempfile::TempDir,
     _issuer: DevIssuer,
 }
@@ -39,26 +41,41 @@ async fn app() -> App {
     app_with("").await
 }
 
-/// A partner that answers every QIDO-RS search with no rows.
-async fn counting_partner() -> (String, Arc<AtomicU32>) {
+/// A partner that answers every QIDO-RS search with no rows, or with 500
+/// while `failing` is set.
+async fn counting_partner() -> (String, Arc<AtomicU32>, Arc<AtomicBool>) {
     let hits = Arc::new(AtomicU32::new(0));
-    let counter = Arc::clone(&hits);
+    let failing = Arc::new(AtomicBool::new(false));
+    let (counter, fail) = (Arc::clone(&hits), Arc::clone(&failing));
     let partner = axum::Router::new().fallback(move || {
         let counter = Arc::clone(&counter);
+        let fail = Arc::clone(&fail);
         async move {
             counter.fetch_add(1, Ordering::SeqCst);
-            ([("content-type", "application/dicom+json")], "[]")
+            if fail.load(Ordering::SeqCst) {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [("content-type", "text/plain")],
+                    "down",
+                );
+            }
+            (
+                StatusCode::OK,
+                [("content-type", "application/dicom+json")],
+                "[]",
+            )
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/dicom-web/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, partner).await });
-    (url, hits)
+    (url, hits, failing)
 }
 
-/// The same, with a `[server]` section (TOML, may be empty).
-async fn app_with(server: &str) -> App {
-    let (partner, partner_hits) = counting_partner().await;
+/// The same, with `extra` TOML after the partner's table (its
+/// `[partners.protection]`, then `[server]`; may be empty).
+async fn app_with(extra: &str) -> App {
+    let (partner, partner_hits, partner_failing) = counting_partner().await;
     let folder = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -108,7 +125,7 @@ data_use = {{ permission = "DUO:0000042" }}
 policies = ["allow.cedar"]
 connector = {{ kind = "dicomweb", url = "{partner}" }}
 
-{server}
+{extra}
 "#,
         issuer = issuer.issuer(),
         jwks = issuer.jwks_url(),
@@ -130,6 +147,7 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
         audit: Arc::clone(&gateway.services.audit),
         server: gateway.server,
         partner_hits,
+        partner_failing,
         router: build_app(gateway),
         token,
         folder,
@@ -485,4 +503,50 @@ async fn open_connections_are_capped() {
     drop(idle_one);
     let (response, _) = read_until_closed(&mut third, Duration::from_secs(5)).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[tokio::test]
+async fn a_failing_partner_trips_its_breaker_is_not_called_while_open_and_is_called_again_after_recovery()
+ {
+    let app =
+        app_with("[partners.protection]\nbreaker_failures = 3\nbreaker_cool_down_ms = 400\n").await;
+    let count =
+        json!({"query": "{ cohortCount(project: \"p1\") { total partners { status code } } }"})
+            .to_string();
+    let status_of = |body: &Value| {
+        (
+            body["data"]["cohortCount"]["partners"][0]["status"].clone(),
+            body["data"]["cohortCount"]["partners"][0]["code"].clone(),
+        )
+    };
+    app.partner_failing.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let (_, body) = app.post(count.clone()).await;
+        assert_eq!(status_of(&body).1, "PARTNER_HTTP_ERROR", "{body}");
+    }
+    // Open: reported, and not called at all.
+    let before = app.partner_hits.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let (status, body) = app.post(count.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            status_of(&body),
+            (json!("CIRCUIT_OPEN"), json!("PARTNER_CIRCUIT_OPEN")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        app.partner_hits.load(Ordering::SeqCst),
+        before,
+        "zero calls while open"
+    );
+    // The partner recovers; after the cool-down one probe goes through
+    // and closes the breaker.
+    app.partner_failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (_, body) = app.post(count.clone()).await;
+    assert_eq!(status_of(&body).0, "OK", "{body}");
+    let (_, body) = app.post(count).await;
+    assert_eq!(status_of(&body).0, "OK", "{body}");
+    assert!(app.partner_hits.load(Ordering::SeqCst) > before);
 }

@@ -103,6 +103,8 @@ pub enum PartnerOutcome {
     Error,
     /// Not asked: its policies refuse this query (see `reasons`).
     Denied,
+    /// Not asked: it failed repeatedly and its circuit breaker is open.
+    CircuitOpen,
 }
 
 /// What a partner's policy lets it disclose for a query.
