@@ -54,6 +54,8 @@ struct AppState {
     schema: MeshgateSchema,
     services: Services,
     server: ServerSection,
+    /// One permit per GraphQL request being handled.
+    in_flight: Arc<tokio::sync::Semaphore>,
     authenticator: Arc<Authenticator>,
     audit: Arc<AuditLog>,
     fatal: FatalHandler,
@@ -425,6 +427,9 @@ pub const EXIT_AUDIT_STORAGE: i32 = 70;
 pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
     let state = AppState {
         schema: schema(gateway.services.clone(), gateway.server.profile),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            gateway.server.max_in_flight.max(1),
+        )),
         server: gateway.server,
         audit: Arc::clone(&gateway.services.audit),
         services: gateway.services,
@@ -436,6 +441,7 @@ pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
         .route("/audit/checkpoint", get(latest_checkpoint))
         .route("/audit/AuditEvent.ndjson", get(export_audit_events))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -586,6 +592,18 @@ async fn authenticate(
 }
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    // Shed load before doing any work: past the limit, answer at once.
+    let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        let mut response = json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "",
+            json!({"errors": [{"message": "the gateway is at capacity; try again shortly", "extensions": {"code": "OVERLOADED"}}]}),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
     let context = match authenticate(&state, caller(&request)).await {
         Ok(context) => context,
         Err(refusal) => return refusal,
@@ -850,6 +868,15 @@ async fn export_audit_events(
         headers.insert("x-request-id", value);
     }
     response
+}
+
+/// Ready to serve: the audit log can be written (without it every data
+/// request fails closed).
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.audit.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable").into_response(),
+    }
 }
 
 fn audit_unavailable(request_id: &str) -> Response {

@@ -149,6 +149,9 @@ pub struct ServerSection {
     pub profile: ServerProfile,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
+    /// GraphQL requests handled at once; more are shed at once with `503
+    /// OVERLOADED` and `Retry-After`, so admitted ones keep their latency.
+    pub max_in_flight: usize,
     /// A request's headers must arrive within this…
     pub header_timeout_ms: u64,
     /// …and its body within this, or the connection is closed.
@@ -162,6 +165,7 @@ impl Default for ServerSection {
         ServerSection {
             profile: ServerProfile::Production,
             max_connections: 1024,
+            max_in_flight: 256,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
             limits: QueryLimits::default(),

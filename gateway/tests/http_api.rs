@@ -33,6 +33,8 @@ struct App {
     partner_hits: Arc<AtomicU32>,
     /// While set, the partner answers 500.
     partner_failing: Arc<AtomicBool>,
+    /// How long the partner takes to answer, in ms.
+    partner_delay_ms: Arc<AtomicU32>,
     folder: tempfile::TempDir,
     _issuer: DevIssuer,
 }
@@ -43,15 +45,18 @@ async fn app() -> App {
 
 /// A partner that answers every QIDO-RS search with no rows, or with 500
 /// while `failing` is set.
-async fn counting_partner() -> (String, Arc<AtomicU32>, Arc<AtomicBool>) {
+async fn counting_partner() -> (String, Arc<AtomicU32>, Arc<AtomicBool>, Arc<AtomicU32>) {
     let hits = Arc::new(AtomicU32::new(0));
     let failing = Arc::new(AtomicBool::new(false));
-    let (counter, fail) = (Arc::clone(&hits), Arc::clone(&failing));
+    let delay = Arc::new(AtomicU32::new(0));
+    let (counter, fail, wait) = (Arc::clone(&hits), Arc::clone(&failing), Arc::clone(&delay));
     let partner = axum::Router::new().fallback(move || {
         let counter = Arc::clone(&counter);
         let fail = Arc::clone(&fail);
+        let wait = u64::from(wait.load(Ordering::SeqCst));
         async move {
             counter.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             if fail.load(Ordering::SeqCst) {
                 return (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,13 +74,13 @@ async fn counting_partner() -> (String, Arc<AtomicU32>, Arc<AtomicBool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/dicom-web/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, partner).await });
-    (url, hits, failing)
+    (url, hits, failing, delay)
 }
 
 /// The same, with `extra` TOML after the partner's table (its
 /// `[partners.protection]`, then `[server]`; may be empty).
 async fn app_with(extra: &str) -> App {
-    let (partner, partner_hits, partner_failing) = counting_partner().await;
+    let (partner, partner_hits, partner_failing, partner_delay_ms) = counting_partner().await;
     let folder = tempfile::tempdir().unwrap();
     let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -148,6 +153,7 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
         server: gateway.server,
         partner_hits,
         partner_failing,
+        partner_delay_ms,
         router: build_app(gateway),
         token,
         folder,
@@ -549,4 +555,55 @@ async fn a_failing_partner_trips_its_breaker_is_not_called_while_open_and_is_cal
     let (_, body) = app.post(count).await;
     assert_eq!(status_of(&body).0, "OK", "{body}");
     assert!(app.partner_hits.load(Ordering::SeqCst) > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_capacity_is_shed_at_once_while_admitted_requests_succeed() {
+    let app = app_with("[server]\nmax_in_flight = 2\n").await;
+    app.partner_delay_ms.store(300, Ordering::SeqCst);
+    let app = Arc::new(app);
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let (status, body) = app
+                    .post(
+                        json!({"query": "{ cohortCount(project: \"p1\") { total } }"}).to_string(),
+                    )
+                    .await;
+                (status, body, started.elapsed())
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    let mut shed = 0;
+    for task in burst {
+        let (status, body, took) = task.await.unwrap();
+        match status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["errors"][0]["extensions"]["code"], "OVERLOADED");
+                assert!(took < Duration::from_millis(250), "shed fast: {took:?}");
+                shed += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        admitted >= 2 && shed >= 1,
+        "admitted {admitted}, shed {shed}"
+    );
+    // Still up, and ready.
+    let (status, _) = app
+        .post(json!({"query": "{ me { subject } }"}).to_string())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let ready = app
+        .router
+        .clone()
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
 }
