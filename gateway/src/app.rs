@@ -536,15 +536,13 @@ async fn graphiql(State(state): State<AppState>, uri: axum::http::Uri) -> Respon
         .query()
         .is_some_and(|query| query.split('&').any(|pair| pair.starts_with("query=")));
     if asks_operation || state.server.profile == ServerProfile::Production {
-        let mut response = json_response(
+        return error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "",
-            json!({"errors": [{"message": "GraphQL operations are sent with POST", "extensions": {"code": "METHOD_NOT_ALLOWED"}}]}),
+            "METHOD_NOT_ALLOWED",
+            "GraphQL operations are sent with POST",
+            Some((header::ALLOW, "POST")),
         );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return response;
     }
     Html(
         GraphiQLSource::build()
@@ -594,15 +592,13 @@ async fn authenticate(
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     // Shed load before doing any work: past the limit, answer at once.
     let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
-        let mut response = json_response(
+        return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "",
-            json!({"errors": [{"message": "the gateway is at capacity; try again shortly", "extensions": {"code": "OVERLOADED"}}]}),
+            "OVERLOADED",
+            "the gateway is at capacity; try again shortly",
+            Some((header::RETRY_AFTER, "1")),
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
     };
     let context = match authenticate(&state, caller(&request)).await {
         Ok(context) => context,
@@ -746,11 +742,7 @@ async fn refuse(
     if commit(state, &record).await.is_err() {
         return audit_unavailable(&context.request_id);
     }
-    json_response(
-        status,
-        &context.request_id,
-        json!({"errors": [{"message": message, "extensions": {"code": code}}]}),
-    )
+    error_response(status, &context.request_id, code, message, None)
 }
 
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750), or 503 when the
@@ -798,10 +790,12 @@ async fn latest_checkpoint(State(state): State<AppState>) -> Response {
             });
             json_response(StatusCode::OK, "", body)
         }
-        Ok(None) => json_response(
+        Ok(None) => error_response(
             StatusCode::NOT_FOUND,
             "",
-            json!({"errors": [{"message": "no checkpoint has been signed yet", "extensions": {"code": "NOT_FOUND"}}]}),
+            "NOT_FOUND",
+            "no checkpoint has been signed yet",
+            None,
         ),
         Err(_) => audit_unavailable(""),
     }
@@ -880,14 +874,34 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 fn audit_unavailable(request_id: &str) -> Response {
-    let mut response = json_response(
+    error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         request_id,
-        json!({"errors": [{"message": "the audit log cannot be written; try again later", "extensions": {"code": "AUDIT_UNAVAILABLE"}}]}),
+        "AUDIT_UNAVAILABLE",
+        "the audit log cannot be written; try again later",
+        Some((header::RETRY_AFTER, "5")),
+    )
+}
+
+/// A JSON error in the GraphQL shape, with its stable code and, if given,
+/// one header (`Retry-After`, `Allow`).
+fn error_response(
+    status: StatusCode,
+    request_id: &str,
+    code: &str,
+    message: &str,
+    extra: Option<(header::HeaderName, &'static str)>,
+) -> Response {
+    let mut response = json_response(
+        status,
+        request_id,
+        json!({"errors": [{"message": message, "extensions": {"code": code}}]}),
     );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    if let Some((name, value)) = extra {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
     response
 }
 
