@@ -43,6 +43,7 @@ use crate::config::{ServerProfile, ServerSection};
 use crate::federation::{Federation, Partner};
 use crate::graphql::{MeshgateSchema, Services, schema};
 use crate::limits;
+use crate::metrics::METRICS;
 use crate::protection::Guard;
 use crate::request::{AuditRecord, RequestContext};
 
@@ -442,6 +443,7 @@ pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
         .route("/audit/AuditEvent.ndjson", get(export_audit_events))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -590,8 +592,16 @@ async fn authenticate(
 }
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let response = handle_graphql(state, request).await;
+    METRICS.request(response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn handle_graphql(state: AppState, request: Request) -> Response {
     // Shed load before doing any work: past the limit, answer at once.
     let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        METRICS.shed();
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "",
@@ -862,6 +872,23 @@ async fn export_audit_events(
         headers.insert("x-request-id", value);
     }
     response
+}
+
+/// Prometheus metrics (text exposition format). No patient data, tokens or
+/// credentials: labels are status codes and partner ids.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let circuits: Vec<(String, bool)> = state
+        .services
+        .federation
+        .partners()
+        .iter()
+        .map(|p| (p.id.clone(), p.guard.is_open()))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        METRICS.render(&circuits),
+    )
+        .into_response()
 }
 
 /// Ready to serve: the audit log can be written (without it every data

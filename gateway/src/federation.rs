@@ -27,6 +27,7 @@ use meshgate_schema::{Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 
+use crate::metrics::METRICS;
 use crate::protection::{Guard, Refusal};
 
 /// A partner and the connector that reaches it.
@@ -541,9 +542,16 @@ async fn guarded<T>(
 ) -> Result<T, Failure> {
     let _admission = match partner.guard.admit(deadline).await {
         Ok(admission) => admission,
-        Err(Refusal::CircuitOpen) => return Err(Failure::CircuitOpen),
-        Err(Refusal::Busy) => return Err(Failure::Timeout),
+        Err(refusal) => {
+            let failure = match refusal {
+                Refusal::CircuitOpen => Failure::CircuitOpen,
+                Refusal::Busy => Failure::Timeout,
+            };
+            METRICS.partner(&partner.id, outcome_name(describe(&failure).0), None);
+            return Err(failure);
+        }
     };
+    let started = Instant::now();
     let result = match timeout_at(deadline, call).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(Failure::Connector(error)),
@@ -554,7 +562,25 @@ async fn guarded<T>(
         Err(Failure::Connector(error)) => error.fault() != Fault::Upstream,
         Err(_) => false,
     });
+    let outcome = match &result {
+        Ok(_) => PartnerOutcome::Ok,
+        Err(failure) => describe(failure).0,
+    };
+    METRICS.partner(&partner.id, outcome_name(outcome), Some(started.elapsed()));
     result
+}
+
+/// A status as metrics label it, e.g. `CIRCUIT_OPEN`.
+fn outcome_name(outcome: PartnerOutcome) -> &'static str {
+    match outcome {
+        PartnerOutcome::Ok => "OK",
+        PartnerOutcome::Truncated => "TRUNCATED",
+        PartnerOutcome::Timeout => "TIMEOUT",
+        PartnerOutcome::Unavailable => "UNAVAILABLE",
+        PartnerOutcome::Error => "ERROR",
+        PartnerOutcome::Denied => "DENIED",
+        PartnerOutcome::CircuitOpen => "CIRCUIT_OPEN",
+    }
 }
 
 fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {

@@ -31,6 +31,7 @@ pub mod dev_issuer;
 pub mod federation;
 pub mod graphql;
 pub mod limits;
+pub mod metrics;
 pub mod protection;
 pub mod request;
 pub mod synth;

@@ -555,6 +555,35 @@ async fn a_failing_partner_trips_its_breaker_is_not_called_while_open_and_is_cal
     let (_, body) = app.post(count).await;
     assert_eq!(status_of(&body).0, "OK", "{body}");
     assert!(app.partner_hits.load(Ordering::SeqCst) > before);
+
+    // Operators see it in the metrics: calls by outcome, breaker state,
+    // latency; and nothing about who asked or what.
+    let response = app
+        .router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    for expected in [
+        "meshgate_partner_calls_total{partner=\"empty\",status=\"CIRCUIT_OPEN\"}",
+        "meshgate_partner_calls_total{partner=\"empty\",status=\"ERROR\"}",
+        "meshgate_partner_calls_total{partner=\"empty\",status=\"OK\"}",
+        "meshgate_partner_circuit_open{partner=\"empty\"} 0",
+        "meshgate_http_requests_total{status=\"200\"}",
+        "meshgate_http_request_duration_seconds_bucket{le=\"+Inf\"}",
+        "meshgate_partner_duration_seconds_count{partner=\"empty\"}",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    assert!(!text.contains("alice") && !text.contains(&app.token));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,6 +241,7 @@ impl AuditLog {
                 Ok(row.seq)
             }
             Err(error) => {
+                crate::metrics::METRICS.audit_failure();
                 self.failing.store(true, Ordering::SeqCst);
                 tracing::error!(%error, "an audit record could not be committed; failing closed");
                 if matches!(error, AuditError::Io(_)) {
