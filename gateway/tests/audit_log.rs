@@ -662,4 +662,25 @@ async fn two_gateways_share_one_postgres_chain_and_fail_closed_while_it_is_down(
     }
     let (code, output) = verify(&configs[1], None);
     assert_eq!(code, Some(0), "{output}");
+
+    // Governance reads work on PostgreSQL too: the caller's own events that
+    // involved partner north, through either replica.
+    let events = client
+        .post(format!("http://127.0.0.1:{}/graphql", ports[1]))
+        .bearer_auth(&setup.token)
+        .header("content-type", "application/json")
+        .body(r#"{"query": "{ auditEvents(filter: {partner: \"north\", outcome: SUCCESS}, first: 5) { nodes { sequence subject accesses { partners { partner } } } hasNextPage } }"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let nodes = events["data"]["auditEvents"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 5, "{events}");
+    assert!(
+        nodes.iter().all(|n| n["subject"] == "auditor-test"),
+        "{events}"
+    );
+    assert_eq!(events["data"]["auditEvents"]["hasNextPage"], true);
 }
