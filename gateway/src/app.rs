@@ -33,7 +33,8 @@ use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::audit::{AuditError, AuditLog, FatalHandler, Selection};
+use crate::audit::view::AuditFilter;
+use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{
     AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
@@ -41,7 +42,7 @@ use crate::config::{
 };
 use crate::config::{ServerProfile, ServerSection};
 use crate::federation::{Federation, Partner};
-use crate::graphql::{MeshgateSchema, Services, schema};
+use crate::graphql::{MeshgateSchema, Services, audit_selection, schema};
 use crate::limits;
 use crate::metrics::METRICS;
 use crate::protection::Guard;
@@ -58,7 +59,6 @@ struct AppState {
     /// One permit per GraphQL request being handled.
     in_flight: Arc<tokio::sync::Semaphore>,
     authenticator: Arc<Authenticator>,
-    audit: Arc<AuditLog>,
     fatal: FatalHandler,
 }
 
@@ -75,6 +75,9 @@ pub enum StartError {
     #[error("{0}")]
     Audit(#[from] AuditError),
 }
+
+/// Exit status after a storage failure under the audit log.
+pub const EXIT_AUDIT_STORAGE: i32 = 70;
 
 /// How long start-up waits for each partner's capability probe.
 pub const STARTUP_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -134,6 +137,14 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             partner: id.clone(),
             source,
         };
+        // The partner's resolved credential, which its configuration refers to.
+        let secret = || {
+            loaded
+                .secrets
+                .for_partner(index)
+                .cloned()
+                .ok_or_else(|| failed(ConnectorError::Config("credential missing".into())))
+        };
         let connector: Arc<dyn Connector> = match &partner.connector {
             ConnectorConfig::Files {
                 path,
@@ -163,15 +174,10 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                     "{root}/projects/{project}/locations/{location}/datasets/{dataset}/dicomStores/{dicom_store}/dicomWeb/"
                 );
                 let source: Box<dyn TokenSource> = match credentials {
-                    GcpCredentials::ServiceAccount { .. } => {
-                        let key = loaded.secrets.for_partner(index).ok_or_else(|| {
-                            failed(ConnectorError::Config("credential missing".into()))
-                        })?;
-                        Box::new(
-                            GoogleServiceAccount::from_key_file(key, GOOGLE_HEALTHCARE_SCOPE)
-                                .map_err(failed)?,
-                        )
-                    }
+                    GcpCredentials::ServiceAccount { .. } => Box::new(
+                        GoogleServiceAccount::from_key_file(&secret()?, GOOGLE_HEALTHCARE_SCOPE)
+                            .map_err(failed)?,
+                    ),
                     GcpCredentials::MetadataServer { url } => Box::new(
                         MetadataServer::google(url.as_deref().unwrap_or(GOOGLE_METADATA_TOKEN_URL))
                             .map_err(failed)?,
@@ -194,13 +200,9 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                         AwsEndpoints::for_region(region),
                     ),
                     AwsCredentialsConfig::Static { access_key_id, .. } => {
-                        let secret =
-                            loaded.secrets.for_partner(index).cloned().ok_or_else(|| {
-                                failed(ConnectorError::Config("credential missing".into()))
-                            })?;
                         vec![Box::new(StaticSource(AwsCredentials {
                             access_key_id: access_key_id.clone(),
-                            secret_access_key: secret,
+                            secret_access_key: secret()?,
                             session_token: None,
                         }))]
                     }
@@ -286,18 +288,12 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                         client_id,
                         authority,
                         ..
-                    } => {
-                        let secret =
-                            loaded.secrets.for_partner(index).cloned().ok_or_else(|| {
-                                failed(ConnectorError::Config("credential missing".into()))
-                            })?;
-                        Box::new(ClientCredentials {
-                            token_url: authority_url(authority, tenant).map_err(failed)?,
-                            client_id: client_id.clone(),
-                            proof: ClientProof::Secret(secret),
-                            scope: AZURE_DICOM_SCOPE.to_owned(),
-                        })
-                    }
+                    } => Box::new(ClientCredentials {
+                        token_url: authority_url(authority, tenant).map_err(failed)?,
+                        client_id: client_id.clone(),
+                        proof: ClientProof::Secret(secret()?),
+                        scope: AZURE_DICOM_SCOPE.to_owned(),
+                    }),
                     AzureCredentials::ManagedIdentity { client_id, url } => Box::new(
                         MetadataServer::azure(
                             url.as_deref().unwrap_or(AZURE_IMDS_TOKEN_URL),
@@ -349,15 +345,13 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             } => {
                 let base_url = meshgate_connectors::dicomweb::Url::parse(url)
                     .map_err(|_| failed(ConnectorError::Config("url is not valid".into())))?;
-                let secret = loaded.secrets.for_partner(index).cloned();
-                let auth = match (auth, secret) {
-                    (AuthConfig::None, _) => Auth::None,
-                    (AuthConfig::Basic { username, .. }, Some(password)) => Auth::Basic {
+                let auth = match auth {
+                    AuthConfig::None => Auth::None,
+                    AuthConfig::Basic { username, .. } => Auth::Basic {
                         username: username.clone(),
-                        password,
+                        password: secret()?,
                     },
-                    (AuthConfig::Bearer { .. }, Some(token)) => Auth::Bearer { token },
-                    _ => return Err(failed(ConnectorError::Config("credential missing".into()))),
+                    AuthConfig::Bearer { .. } => Auth::Bearer { token: secret()? },
                 };
                 Arc::new(
                     DicomWebConnector::new(DicomWebSettings {
@@ -412,27 +406,16 @@ fn cloud_dicomweb(
 /// The gateway's routes. A storage failure under the audit log stops the
 /// process (see [`crate::audit`]).
 pub fn build_app(gateway: Gateway) -> Router {
-    build_app_with_fatal(
-        gateway,
-        Arc::new(|error: &AuditError| {
-            tracing::error!(%error, "the audit log's storage failed; stopping");
-            std::process::exit(EXIT_AUDIT_STORAGE);
-        }),
-    )
-}
-
-/// Exit status after a storage failure under the audit log.
-pub const EXIT_AUDIT_STORAGE: i32 = 70;
-
-/// The gateway's routes, with what to do on a fatal audit storage error.
-pub fn build_app_with_fatal(gateway: Gateway, fatal: FatalHandler) -> Router {
+    let fatal: FatalHandler = Arc::new(|error: &AuditError| {
+        tracing::error!(%error, "the audit log's storage failed; stopping");
+        std::process::exit(EXIT_AUDIT_STORAGE);
+    });
     let state = AppState {
         schema: schema(gateway.services.clone(), gateway.server.profile),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             gateway.server.max_in_flight.max(1),
         )),
         server: gateway.server,
-        audit: Arc::clone(&gateway.services.audit),
         services: gateway.services,
         authenticator: gateway.authenticator,
         fatal,
@@ -677,7 +660,7 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
         return refuse(&state, &context, StatusCode::BAD_REQUEST, code, &message).await;
     }
     // No partner is asked while the audit log cannot be written.
-    if state.audit.ready().await.is_err() {
+    if state.services.audit.ready().await.is_err() {
         return audit_unavailable(&request_id);
     }
     let operation = gql_request.operation_name.clone();
@@ -737,7 +720,7 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
 
 /// Commits one audit record.
 async fn commit(state: &AppState, record: &AuditRecord) -> Result<i64, AuditError> {
-    state.audit.append(record, &state.fatal).await
+    state.services.audit.append(record, &state.fatal).await
 }
 
 /// Refuses a request before GraphQL execution, audited like any other.
@@ -791,9 +774,9 @@ async fn unauthenticated(
 /// The newest signed checkpoint of the audit chain, for anyone to copy: it
 /// holds no data, only a sequence number, a hash and a signature.
 async fn latest_checkpoint(State(state): State<AppState>) -> Response {
-    match state.audit.latest_checkpoint().await {
+    match state.services.audit.latest_checkpoint().await {
         Ok(Some(checkpoint)) => {
-            let key = state.audit.verifying_key();
+            let key = state.services.audit.verifying_key();
             let body = json!({
                 "checkpoint": checkpoint,
                 "public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key.as_bytes()),
@@ -838,18 +821,20 @@ async fn export_audit_events(
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(1000)
         .clamp(1, 10_000);
-    let selection = Selection {
-        scope: crate::graphql::audit_scope(&state.services, &principal),
+    let filter = AuditFilter {
         subject: param("subject"),
         institution: param("institution"),
         project: param("project"),
         partner: param("partner"),
-        outcome: param("outcome").map(|o| o.to_lowercase()),
+        outcome: None,
         from: param("from"),
         to: param("to"),
-        before: param("before").and_then(|v| v.parse().ok()),
     };
-    let rows = match state.audit.store().select(&selection, limit).await {
+    let before = param("before").and_then(|v| v.parse().ok());
+    let mut selection = audit_selection(&state.services, &principal, filter, before);
+    // As stored: `success` or `failure` (anything else matches nothing).
+    selection.outcome = param("outcome").map(|o| o.to_lowercase());
+    let rows = match state.services.audit.store().select(&selection, limit).await {
         Ok(rows) => rows,
         Err(_) => return audit_unavailable(&request_id),
     };
@@ -894,7 +879,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// Ready to serve: the audit log can be written (without it every data
 /// request fails closed).
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.audit.ready().await {
+    match state.services.audit.ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable").into_response(),
     }

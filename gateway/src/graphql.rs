@@ -193,20 +193,7 @@ impl QueryRoot {
                     .ok_or(ApiError::InvalidCursor(CursorError::Malformed))?,
             ),
         };
-        let selection = Selection {
-            scope: audit_scope(services, principal),
-            subject: filter.subject,
-            institution: filter.institution,
-            project: filter.project,
-            partner: filter.partner,
-            outcome: filter.outcome.map(|o| match o {
-                AuditOutcome::Success => "success".to_owned(),
-                AuditOutcome::Failure => "failure".to_owned(),
-            }),
-            from: filter.from,
-            to: filter.to,
-            before,
-        };
+        let selection = audit_selection(services, principal, filter, before);
         let mut rows = services
             .audit
             .store()
@@ -223,10 +210,34 @@ impl QueryRoot {
     }
 }
 
+/// The audit entries `principal` asks for with `filter`, within what they
+/// may read, older than `before` when paging.
+pub fn audit_selection(
+    services: &Services,
+    principal: &Principal,
+    filter: AuditFilter,
+    before: Option<i64>,
+) -> Selection {
+    Selection {
+        scope: audit_scope(services, principal),
+        subject: filter.subject,
+        institution: filter.institution,
+        project: filter.project,
+        partner: filter.partner,
+        outcome: filter.outcome.map(|o| match o {
+            AuditOutcome::Success => "success".to_owned(),
+            AuditOutcome::Failure => "failure".to_owned(),
+        }),
+        from: filter.from,
+        to: filter.to,
+        before,
+    }
+}
+
 /// Which audit entries `principal` may read: `None` for all of them (the
 /// consortium's policies allow `ViewAudit` on every partner), otherwise
 /// their own and those involving the partners the policies allow.
-pub fn audit_scope(services: &Services, principal: &Principal) -> Option<Scope> {
+fn audit_scope(services: &Services, principal: &Principal) -> Option<Scope> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

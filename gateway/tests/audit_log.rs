@@ -10,6 +10,8 @@
     reason = "tests fail loudly"
 )]
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +25,8 @@ use meshgate_gateway::request::RequestContext;
 use meshgate_gateway::synth::{SynthSpec, synthesise};
 use rand::Rng;
 use serde_json::json;
+
+use common::counting_partner;
 
 fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
@@ -560,30 +564,12 @@ impl Drop for Postgres {
     }
 }
 
-/// A DICOMweb partner that answers every search with no studies and counts
-/// the requests it gets.
-async fn counting_partner() -> (String, Arc<AtomicU32>) {
-    let hits = Arc::new(AtomicU32::new(0));
-    let counter = Arc::clone(&hits);
-    let app = axum::Router::new().fallback(move || {
-        let counter = Arc::clone(&counter);
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            ([("content-type", "application/dicom+json")], "[]")
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/dicom-web/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_share_one_postgres_chain_and_fail_closed_while_it_is_down() {
     let setup = Setup::new().await;
     let mut postgres = Postgres::start();
     let store = postgres.url();
-    let (partner_url, partner_hits) = counting_partner().await;
+    let (partner_url, partner_hits, _, _) = counting_partner().await;
     let connector = format!("{{ kind = \"dicomweb\", url = \"{partner_url}\" }}");
     let ports = [free_port(), free_port()];
     let configs: Vec<PathBuf> = ports

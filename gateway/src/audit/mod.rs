@@ -22,8 +22,8 @@ mod verify;
 pub mod view;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -157,7 +157,7 @@ pub struct AuditLog {
     /// The highest sequence number checkpointed by this process.
     checkpointed: AtomicI64,
     /// One checkpoint file write at a time.
-    file_lock: Mutex<()>,
+    file_lock: tokio::sync::Mutex<()>,
 }
 
 /// What happens on a fatal storage error; the binary stops the process.
@@ -169,9 +169,8 @@ impl AuditLog {
     pub async fn open(settings: &AuditSettings) -> Result<Arc<AuditLog>, AuditError> {
         let store = Store::open(&settings.store).await?;
         let last = store
-            .checkpoints()
+            .latest_checkpoint()
             .await?
-            .last()
             .map(|c| c.seq)
             .unwrap_or_default();
         let log = Arc::new(AuditLog {
@@ -181,7 +180,7 @@ impl AuditLog {
             checkpoint_file: settings.checkpoint_file.clone(),
             failing: AtomicBool::new(false),
             checkpointed: AtomicI64::new(last),
-            file_lock: Mutex::new(()),
+            file_lock: tokio::sync::Mutex::new(()),
         });
         let weak = Arc::downgrade(&log);
         let every = settings.checkpoint_every.max(Duration::from_secs(1));
@@ -287,11 +286,13 @@ impl AuditLog {
         };
         self.store.insert_checkpoint(&checkpoint).await?;
         if let Some(path) = &self.checkpoint_file {
-            let _guard = self
-                .file_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            append_line(path, &checkpoint)
+            // The write and its fsync block: not on an async worker.
+            let _guard = self.file_lock.lock().await;
+            let (path, line) = (path.clone(), checkpoint.clone());
+            tokio::task::spawn_blocking(move || append_line(&path, &line))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|written| written)
                 .map_err(|e| AuditError::Unavailable(format!("checkpoint file: {}", e.kind())))?;
         }
         self.checkpointed.fetch_max(seq, Ordering::SeqCst);
@@ -301,7 +302,7 @@ impl AuditLog {
 
     /// The newest checkpoint, if any.
     pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
-        Ok(self.store.checkpoints().await?.pop())
+        self.store.latest_checkpoint().await
     }
 }
 

@@ -179,16 +179,14 @@ impl Store {
     /// read-only, the server answers.
     pub async fn ready(&self) -> Result<(), AuditError> {
         match self {
-            Store::Sqlite { pool, path } => {
+            Store::Sqlite { path, .. } => {
+                // `SELECT 1` would not touch the file: its permissions are
+                // what an operator changes to freeze the log.
                 if is_read_only(path) {
                     return Err(AuditError::Unavailable(
                         "the audit file is read-only".into(),
                     ));
                 }
-                sqlx::query("SELECT 1")
-                    .execute(pool)
-                    .await
-                    .map_err(unavailable)?;
             }
             Store::Postgres(pool) => {
                 sqlx::query("SELECT 1")
@@ -387,10 +385,22 @@ impl Store {
 
     /// Every stored checkpoint, oldest first.
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
+        self.select_checkpoints("ORDER BY seq").await
+    }
+
+    /// The newest stored checkpoint.
+    pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        Ok(self
+            .select_checkpoints("ORDER BY seq DESC LIMIT 1")
+            .await?
+            .pop())
+    }
+
+    async fn select_checkpoints(&self, order: &str) -> Result<Vec<Checkpoint>, AuditError> {
+        let sql =
+            format!("SELECT seq, hash, recorded, key_id, signature FROM audit_checkpoints {order}");
         on_pool!(self, pool => {
-            let rows = sqlx::query(
-                "SELECT seq, hash, recorded, key_id, signature FROM audit_checkpoints ORDER BY seq",
-            )
+            let rows = sqlx::query(&sql)
             .fetch_all(pool)
             .await
             .map_err(unavailable)?;
