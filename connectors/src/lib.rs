@@ -77,7 +77,7 @@ pub enum Fault {
 
 /// Why a partner could not answer. Messages are safe to show: they never
 /// carry upstream bodies, URLs with query values, or credentials.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectorError {
     /// The partner's store could not be reached.
     #[error("the partner's store could not be reached ({0})")]

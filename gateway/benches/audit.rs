@@ -65,6 +65,7 @@ fn record(n: usize) -> AuditRecord {
                 deidentification_profile: Some("basic".into()),
                 count: Some(42),
                 count_disclosure: Some(CountDisclosure::Exact),
+                cached: false,
             })
             .collect(),
     });

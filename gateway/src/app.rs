@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
+use crate::cache::SearchCache;
 use crate::config::{
     AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
     LoadedConfig, parse_utc_offset,
@@ -381,7 +382,10 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             },
         });
     }
-    Ok(Federation::new(partners))
+    Ok(Federation::new(
+        partners,
+        SearchCache::new(loaded.config.cache),
+    ))
 }
 
 /// A DICOMweb connector to a cloud service reached with OAuth2 tokens.
@@ -871,7 +875,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        METRICS.render(&circuits),
+        METRICS.render(
+            &circuits,
+            state.services.federation.cache().weighted_bytes(),
+        ),
     )
         .into_response()
 }

@@ -22,6 +22,7 @@ use toml::Spanned;
 
 use crate::audit::{AuditSettings, StoreLocation};
 use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
+use crate::cache::CacheConfig;
 use crate::limits::QueryLimits;
 use crate::protection::ProtectionConfig;
 
@@ -43,6 +44,9 @@ pub struct Config {
     /// How the HTTP server protects itself.
     #[serde(default)]
     pub server: ServerSection,
+    /// How partners' answers are cached.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,

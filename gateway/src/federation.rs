@@ -27,6 +27,7 @@ use meshgate_schema::{Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 
+use crate::cache::{CacheKey, SearchCache};
 use crate::metrics::METRICS;
 use crate::protection::{Guard, Refusal};
 
@@ -130,10 +131,12 @@ pub struct Grants {
     pub partners: HashMap<String, Grant>,
     /// For perturbing counts.
     pub cell_keys: CellKeys,
+    /// The research project the query serves.
+    pub project: String,
 }
 
 /// Why a partner did not answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Failure {
     Timeout,
     Connector(ConnectorError),
@@ -153,6 +156,8 @@ struct PartnerSearch {
     /// Time spent on this partner so far (search, then series for the page).
     elapsed: Duration,
     result: Result<SearchOutcome, Failure>,
+    /// Whether the search's answer came from the cache.
+    cached: bool,
     /// Set when the detail phase failed after the search succeeded.
     detail_failure: Option<Failure>,
 }
@@ -242,17 +247,24 @@ pub struct MergedPage {
     pub statuses: Vec<PartnerStatus>,
 }
 
-/// All partners, in configuration order.
-#[derive(Debug, Clone, Default)]
+/// All partners, in configuration order, and their cached answers.
+#[derive(Debug, Clone)]
 pub struct Federation {
     partners: Vec<Arc<Partner>>,
+    cache: SearchCache,
 }
 
 impl Federation {
-    pub fn new(partners: Vec<Partner>) -> Federation {
+    pub fn new(partners: Vec<Partner>, cache: SearchCache) -> Federation {
         Federation {
             partners: partners.into_iter().map(Arc::new).collect(),
+            cache,
         }
+    }
+
+    /// The partners' cached answers.
+    pub fn cache(&self) -> &SearchCache {
+        &self.cache
     }
 
     pub fn partners(&self) -> &[Arc<Partner>] {
@@ -297,6 +309,7 @@ impl Federation {
                 .get(&partner.id)
                 .cloned()
                 .unwrap_or_else(|| Grant::denied("no policy decision was made"));
+            let mut cached = false;
             let result = if let Disclosure::Denied { reasons } = &grant.disclosure {
                 Err(Failure::Denied(reasons.clone()))
             } else {
@@ -319,16 +332,22 @@ impl Federation {
                     }
                     None => query,
                 };
-                guarded(&partner, deadline, partner.connector.search(asked))
+                let key = CacheKey::new(&partner.id, asked, &grants.project, &grant.disclosure);
+                let search = guarded(&partner, deadline, partner.connector.search(asked));
+                // A caller joining another's search still keeps its own deadline.
+                let answer = timeout_at(deadline, self.cache.get_or_search(key, search))
                     .await
-                    .map(|mut outcome| {
-                        if let Some(deid) = pseudonymous {
-                            outcome
-                                .studies
-                                .retain(|study| query.study_uids.contains(&deid.uid(&study.uid)));
-                        }
+                    .unwrap_or((Err(Failure::Timeout), false));
+                cached = answer.1;
+                answer.0.map(|outcome| {
+                    let mut outcome = SearchOutcome::clone(&outcome);
+                    if let Some(deid) = pseudonymous {
                         outcome
-                    })
+                            .studies
+                            .retain(|study| query.study_uids.contains(&deid.uid(&study.uid)));
+                    }
+                    outcome
+                })
             };
             if let Err(failure) = &result {
                 log_failure(&partner.id, failure, "search");
@@ -341,6 +360,7 @@ impl Federation {
                 started,
                 elapsed: started.elapsed(),
                 result,
+                cached,
                 detail_failure: None,
             }
         }))
@@ -499,6 +519,7 @@ fn status(search: &PartnerSearch) -> PartnerStatus {
         reasons: Vec::new(),
         code: None,
         message: None,
+        cached: search.cached,
     };
     match (&search.result, &search.detail_failure) {
         (Ok(outcome), None) => {

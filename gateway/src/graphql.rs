@@ -315,6 +315,7 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
     Grants {
         partners,
         cell_keys: services.pseudonym_key.cell_keys(),
+        project: project.to_owned(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served at `GET /metrics` in the text exposition
 //! format: request latency and status, per-partner call latency and
-//! status, circuit breaker state, shed requests and audit failures.
+//! status, circuit breaker state, cache lookups, shed requests and audit
+//! failures.
 //!
 //! Labels are only ever HTTP status codes, partner ids (configuration) and
 //! partner status names: never a filter value, a subject, a token or
@@ -70,6 +71,8 @@ pub struct Metrics {
     partner_latency: Mutex<BTreeMap<String, Histogram>>,
     shed: AtomicU64,
     audit_failures: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// The process's metrics.
@@ -113,13 +116,25 @@ impl Metrics {
         self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One cache lookup: `hit` when the answer was reused (or another
+    /// caller's search joined).
+    pub fn cache(&self, hit: bool) {
+        let counter = if hit {
+            &self.cache_hits
+        } else {
+            &self.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn audit_failure(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The text exposition; `circuits` is each partner's breaker state
-    /// (true: open) at the time of the scrape.
-    pub fn render(&self, circuits: &[(String, bool)]) -> String {
+    /// (true: open) and `cache_bytes` what the cache holds, at the time of
+    /// the scrape.
+    pub fn render(&self, circuits: &[(String, bool)], cache_bytes: u64) -> String {
         let mut out = String::new();
         out.push_str("# HELP meshgate_http_requests_total GraphQL requests by HTTP status.\n# TYPE meshgate_http_requests_total counter\n");
         for (status, count) in self
@@ -181,6 +196,27 @@ impl Metrics {
             "# HELP meshgate_audit_append_failures_total Audit records that could not be committed.\n# TYPE meshgate_audit_append_failures_total counter\nmeshgate_audit_append_failures_total {}",
             self.audit_failures.load(Ordering::Relaxed)
         );
+        let (hits, misses) = (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_cache_lookups_total Partner searches looked up in the cache, by result.\n# TYPE meshgate_cache_lookups_total counter\nmeshgate_cache_lookups_total{{result=\"hit\"}} {hits}\nmeshgate_cache_lookups_total{{result=\"miss\"}} {misses}"
+        );
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_cache_hit_ratio Share of cache lookups answered from the cache since start.\n# TYPE meshgate_cache_hit_ratio gauge\nmeshgate_cache_hit_ratio {ratio}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_cache_bytes What the cache holds, in estimated bytes.\n# TYPE meshgate_cache_bytes gauge\nmeshgate_cache_bytes {cache_bytes}"
+        );
         out
     }
 }
@@ -197,7 +233,17 @@ mod tests {
         metrics.request(503, Duration::from_micros(200));
         metrics.partner("north", "OK", Some(Duration::from_millis(20)));
         metrics.partner("south", "CIRCUIT_OPEN", None);
-        let text = metrics.render(&[("north".into(), false), ("south".into(), true)]);
+        metrics.cache(true);
+        metrics.cache(true);
+        metrics.cache(true);
+        metrics.cache(false);
+        let text = metrics.render(&[("north".into(), false), ("south".into(), true)], 4096);
+        assert!(text.contains("meshgate_cache_hit_ratio 0.75"), "{text}");
+        assert!(
+            text.contains("meshgate_cache_lookups_total{result=\"miss\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("meshgate_cache_bytes 4096"), "{text}");
         assert!(
             text.contains("meshgate_http_requests_total{status=\"200\"} 2"),
             "{text}"

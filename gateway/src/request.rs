@@ -91,6 +91,8 @@ pub struct AuditedPartner {
     /// The count as disclosed (never a suppressed one).
     pub count: Option<u32>,
     pub count_disclosure: Option<CountDisclosure>,
+    /// The answer was reused from the cache, not asked of the partner.
+    pub cached: bool,
 }
 
 impl AuditedPartner {
@@ -102,6 +104,7 @@ impl AuditedPartner {
             deidentification_profile: status.deidentification_profile.clone(),
             count: status.count,
             count_disclosure: status.count_disclosure,
+            cached: status.cached,
         }
     }
 }

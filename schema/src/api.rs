@@ -156,6 +156,9 @@ pub struct PartnerStatus {
     pub code: Option<String>,
     /// What went wrong, for people; never upstream bodies or identifiers.
     pub message: Option<String>,
+    /// True when the partner's answer was reused from meshgate's cache (at
+    /// most its `ttl_seconds` old) instead of asked for again.
+    pub cached: bool,
 }
 
 /// How a study was de-identified.

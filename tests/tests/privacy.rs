@@ -28,7 +28,7 @@ query Page($project: String!, $filter: StudyFilter, $after: String) {
     }
     pageInfo { hasNextPage endCursor }
     totalCount
-    partners { partner status disclosure deidentificationProfile count countDisclosure reasons code }
+    partners { partner status disclosure deidentificationProfile count countDisclosure reasons code cached }
   }
 }"#;
 
@@ -36,7 +36,7 @@ const COUNT_QUERY: &str = r#"
 query Count($project: String!, $filter: StudyFilter) {
   cohortCount(project: $project, filter: $filter) {
     total totalIsLowerBound
-    partners { partner status disclosure count countDisclosure reasons }
+    partners { partner status disclosure count countDisclosure reasons cached }
   }
 }"#;
 
@@ -489,5 +489,105 @@ async fn counts_only_counts_are_the_same_for_the_same_studies_and_do_not_differe
     assert!(
         exact * 2 < pairs,
         "{exact} of {pairs} differences were exact"
+    );
+}
+
+#[tokio::test]
+async fn two_principals_with_different_decisions_never_see_each_others_cached_answer() {
+    let c = consortium().await;
+    let token = |sub: &str, institution: &str, permissions: &[&str]| {
+        c.gateway.issuer.token(
+            &json!({"sub": sub, "institution": institution, "roles": ["researcher"],
+                    "projects": ["demo"], "permissions": permissions}),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    // North's own staff with its grant read identified records; a researcher
+    // elsewhere, and her colleague, get de-identified ones.
+    let staff = token(
+        "north-staff",
+        "northfield-university-hospital",
+        &["north:identified-access"],
+    );
+    let researcher = token("researcher", "westfield-university", &[]);
+    let colleague = token("colleague", "westfield-university", &[]);
+    let north_original: BTreeSet<&str> = c
+        .truth
+        .rows()
+        .filter(|(partner, _)| partner == "north")
+        .map(|(_, row)| row.study_uid.as_str())
+        .collect();
+    let variables = json!({"project": "demo", "filter": {"partners": ["north"]}});
+
+    // Runs the page query as `who`; returns north's status, the UIDs it
+    // shows and whether north was sent anything for the search phase (the
+    // series of the page are always loaded).
+    let ask = async |who: &str| {
+        let before = c.bytes_sent()[0];
+        let (code, count) = c
+            .gateway
+            .post_as(Some(who), COUNT_QUERY, variables.clone())
+            .await;
+        assert_eq!(code, 200, "{count}");
+        let asked = c.bytes_sent()[0] > before;
+        let (_, page) = c
+            .gateway
+            .post_as(Some(who), PAGE_QUERY, variables.clone())
+            .await;
+        let statuses = &page["data"]["imagingStudies"]["partners"];
+        let uids: BTreeSet<String> = page["data"]["imagingStudies"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["studyInstanceUid"].as_str().unwrap().to_owned())
+            .collect();
+        let counted = count["data"]["cohortCount"]["partners"][0].clone();
+        (status(statuses, "north").clone(), counted, uids, asked)
+    };
+
+    let (status, count, uids, asked) = ask(&staff).await;
+    assert!(asked, "the first query must ask north");
+    assert_eq!(status["disclosure"], "IDENTIFIED", "{status}");
+    assert_eq!(count["cached"], false);
+    assert_eq!(status["cached"], true, "the page reuses the count's search");
+    assert!(!uids.is_empty() && uids.iter().all(|u| north_original.contains(u.as_str())));
+
+    let (_, count, _, asked) = ask(&staff).await;
+    assert!(
+        !asked,
+        "the same principal's same query is answered from the cache"
+    );
+    assert_eq!(count["cached"], true);
+
+    // A different decision for the same query: north is asked again and
+    // the answer is de-identified.
+    let (status, count, pseudonyms, asked) = ask(&researcher).await;
+    assert!(asked, "a cached answer was served across decisions");
+    assert_eq!(status["disclosure"], "DEIDENTIFIED", "{status}");
+    assert_eq!(count["cached"], false);
+    assert!(!pseudonyms.is_empty());
+    assert!(
+        pseudonyms
+            .iter()
+            .all(|u| !north_original.contains(u.as_str())),
+        "an original UID reached a de-identified caller"
+    );
+
+    // The same decision shares the cached answer, and sees the same pseudonyms.
+    let (status, count, uids, asked) = ask(&colleague).await;
+    assert!(!asked, "the same decision should share the cached answer");
+    assert_eq!(count["cached"], true);
+    assert_eq!(status["disclosure"], "DEIDENTIFIED");
+    assert_eq!(uids, pseudonyms);
+
+    let metrics = reqwest::get(c.gateway.url.replace("/graphql", "/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("meshgate_cache_lookups_total{result=\"hit\"} "),
+        "{metrics}"
     );
 }

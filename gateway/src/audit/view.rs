@@ -67,6 +67,8 @@ pub struct AuditPartner {
     pub deidentification_profile: Option<String>,
     pub count: Option<i64>,
     pub count_disclosure: Option<String>,
+    /// The answer was reused from meshgate's cache.
+    pub cached: bool,
 }
 
 /// A page of audit events, newest first.
@@ -130,6 +132,7 @@ impl From<&StoredEntry> for AuditEvent {
                             deidentification_profile: text(&p["deidentification_profile"]),
                             count: p["count"].as_i64(),
                             count_disclosure: text(&p["count_disclosure"]),
+                            cached: p["cached"].as_bool().unwrap_or(false),
                         })
                         .collect(),
                 })

@@ -1,0 +1,290 @@
+//! Partners' search answers, cached for a short time.
+//!
+//! An entry is keyed by everything that decides what may be made of it:
+//! the partner, the normalised query as the partner was asked it, the
+//! project, and the policy decision with its de-identification profile. A
+//! principal whose decision differs has a different key, so a cached answer
+//! is never served across decisions, even though disclosure rules are
+//! applied after the cache either way.
+//!
+//! The cache is bounded in bytes (entries are weighed by an estimate of
+//! what they hold) and by age. Concurrent identical searches are coalesced
+//! into one partner call; failures are never cached.
+
+use std::future::Future;
+use std::mem::size_of;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_connectors::SearchOutcome;
+use meshgate_policies::Disclosure;
+use meshgate_schema::{Series, Study, StudyQuery};
+use moka::future::Cache;
+use serde::Deserialize;
+
+use crate::metrics::METRICS;
+
+/// `[cache]`: how partners' answers are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long an answer is reused; 0 turns the cache off.
+    pub ttl_seconds: u64,
+    /// The most the cached answers may hold, in bytes (estimated).
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl_seconds: 60,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a cached answer is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    partner: String,
+    /// The normalised query as canonical JSON, without the partner list
+    /// (which only chooses whom to ask).
+    query: String,
+    project: String,
+    /// `IDENTIFIED`, `DEIDENTIFIED:<profile>` or `COUNTS_ONLY`.
+    decision: String,
+}
+
+impl CacheKey {
+    pub fn new(
+        partner: &str,
+        query: &StudyQuery,
+        project: &str,
+        disclosure: &Disclosure,
+    ) -> CacheKey {
+        let query = StudyQuery {
+            partners: Default::default(),
+            ..query.clone()
+        };
+        let decision = match disclosure {
+            Disclosure::Identified => "IDENTIFIED".to_owned(),
+            Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
+            Disclosure::CountsOnly => "COUNTS_ONLY".to_owned(),
+            Disclosure::Denied { .. } => "DENIED".to_owned(),
+        };
+        CacheKey {
+            partner: partner.to_owned(),
+            query: serde_json::to_string(&query).unwrap_or_default(),
+            project: project.to_owned(),
+            decision,
+        }
+    }
+}
+
+/// The partners' cached search answers.
+#[derive(Debug, Clone)]
+pub struct SearchCache {
+    entries: Option<Cache<CacheKey, Arc<SearchOutcome>>>,
+}
+
+impl SearchCache {
+    pub fn new(config: CacheConfig) -> SearchCache {
+        let entries = (config.ttl_seconds > 0 && config.max_bytes > 0).then(|| {
+            Cache::builder()
+                .max_capacity(config.max_bytes)
+                .weigher(|key: &CacheKey, outcome: &Arc<SearchOutcome>| {
+                    u32::try_from(weight(key, outcome)).unwrap_or(u32::MAX)
+                })
+                .time_to_live(Duration::from_secs(config.ttl_seconds))
+                .build()
+        });
+        SearchCache { entries }
+    }
+
+    /// The cached answer for `key`, or `search`'s, which is cached when it
+    /// succeeds. Callers asking for a key whose search is under way wait for
+    /// it instead of searching again. Returns whether the answer came from
+    /// the cache (or another caller's search).
+    pub async fn get_or_search<E>(
+        &self,
+        key: CacheKey,
+        search: impl Future<Output = Result<SearchOutcome, E>>,
+    ) -> (Result<Arc<SearchOutcome>, E>, bool)
+    where
+        E: Clone + Send + Sync + 'static,
+    {
+        let Some(entries) = &self.entries else {
+            return (search.await.map(Arc::new), false);
+        };
+        match entries
+            .entry(key)
+            .or_try_insert_with(async { search.await.map(Arc::new) })
+            .await
+        {
+            Ok(entry) => {
+                let cached = !entry.is_fresh();
+                METRICS.cache(cached);
+                (Ok(entry.into_value()), cached)
+            }
+            Err(error) => {
+                METRICS.cache(false);
+                (Err(E::clone(&error)), false)
+            }
+        }
+    }
+
+    /// What the cached answers hold now, in (estimated) bytes.
+    pub fn weighted_bytes(&self) -> u64 {
+        self.entries.as_ref().map_or(0, Cache::weighted_size)
+    }
+}
+
+/// An estimate of the memory an entry holds: its structs and their heap
+/// strings and vectors.
+fn weight(key: &CacheKey, outcome: &SearchOutcome) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+    let series = |series: &Series| {
+        size_of::<Series>()
+            + series.uid.capacity()
+            + text(&series.modality)
+            + text(&series.description)
+            + text(&series.body_part)
+    };
+    let study = |study: &Study| {
+        size_of::<Study>()
+            + study.uid.capacity()
+            + text(&study.patient_id)
+            + text(&study.patient_name)
+            + text(&study.accession_number)
+            + text(&study.description)
+            + study
+                .modalities
+                .iter()
+                .chain(&study.body_parts)
+                .map(|s| size_of::<String>() + s.capacity())
+                .sum::<usize>()
+            + study.series.iter().map(series).sum::<usize>()
+    };
+    size_of::<CacheKey>()
+        + key.partner.len()
+        + key.query.len()
+        + key.project.len()
+        + key.decision.len()
+        + size_of::<SearchOutcome>()
+        + outcome.studies.iter().map(study).sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use meshgate_policies::Profile;
+
+    use super::*;
+
+    fn outcome(studies: usize) -> SearchOutcome {
+        SearchOutcome {
+            studies: (0..studies)
+                .map(|i| Study {
+                    uid: format!("1.2.826.0.1.{i}"),
+                    description: Some("CT chest".into()),
+                    ..Study::default()
+                })
+                .collect(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn decisions_profiles_projects_and_queries_make_different_keys_but_partner_lists_do_not() {
+        let query = StudyQuery::default();
+        let key = |query: &StudyQuery, project, disclosure: &Disclosure| {
+            CacheKey::new("north", query, project, disclosure)
+        };
+        let deid = Disclosure::Deidentified(Profile::basic());
+        let base = key(&query, "demo", &deid);
+        assert_ne!(base, key(&query, "demo", &Disclosure::Identified));
+        assert_ne!(base, key(&query, "demo", &Disclosure::CountsOnly));
+        let retaining = Profile::parse("basic+retain-device-identity").unwrap();
+        assert_ne!(
+            base,
+            key(&query, "demo", &Disclosure::Deidentified(retaining))
+        );
+        assert_ne!(base, key(&query, "lung-cancer", &deid));
+        assert_ne!(base, CacheKey::new("south", &query, "demo", &deid));
+        let described = StudyQuery {
+            description: Some("chest".into()),
+            ..StudyQuery::default()
+        };
+        assert_ne!(base, key(&described, "demo", &deid));
+        let naming_partners = StudyQuery {
+            partners: ["north".to_owned()].into(),
+            ..StudyQuery::default()
+        };
+        assert_eq!(base, key(&naming_partners, "demo", &deid));
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_searches_make_one_call_and_failures_are_not_kept() {
+        let cache = SearchCache::new(CacheConfig::default());
+        let calls = AtomicU32::new(0);
+        let key = CacheKey::new(
+            "north",
+            &StudyQuery::default(),
+            "demo",
+            &Disclosure::Identified,
+        );
+        let failing = cache
+            .get_or_search(key.clone(), async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<SearchOutcome, _>("down")
+            })
+            .await;
+        assert_eq!(failing.0.unwrap_err(), "down");
+        let search = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, &str>(outcome(3))
+        };
+        let answers =
+            futures::future::join_all((0..10).map(|_| cache.get_or_search(key.clone(), search())))
+                .await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one failed call, one search"
+        );
+        assert_eq!(answers.iter().filter(|(_, cached)| !cached).count(), 1);
+        assert!(
+            answers
+                .iter()
+                .all(|(a, _)| a.as_ref().unwrap().studies.len() == 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_within_its_byte_bound() {
+        let cache = SearchCache::new(CacheConfig {
+            ttl_seconds: 60,
+            max_bytes: 200_000,
+        });
+        for i in 0..100 {
+            let query = StudyQuery {
+                description: Some(format!("q{i}")),
+                ..StudyQuery::default()
+            };
+            let key = CacheKey::new("north", &query, "demo", &Disclosure::Identified);
+            let (answer, _) = cache
+                .get_or_search(key, async { Ok::<_, ()>(outcome(100)) })
+                .await;
+            assert_eq!(answer.unwrap().studies.len(), 100);
+        }
+        if let Some(entries) = &cache.entries {
+            entries.run_pending_tasks().await;
+        }
+        let held = cache.weighted_bytes();
+        assert!(held > 0 && held <= 200_000, "{held} bytes held");
+    }
+}
