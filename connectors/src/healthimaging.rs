@@ -71,6 +71,8 @@ const LATEST: &str = "99991231";
 pub struct HealthImagingConnector {
     settings: HealthImagingSettings,
     client: reqwest::Client,
+    /// Retries this partner may be sent.
+    retries: http::RetryBudget,
 }
 
 /// One page of `SearchImageSets`.
@@ -153,7 +155,11 @@ impl HealthImagingConnector {
             .user_agent(concat!("meshgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|_| ConnectorError::Config("the HTTP client could not be set up".into()))?;
-        Ok(HealthImagingConnector { settings, client })
+        Ok(HealthImagingConnector {
+            settings,
+            client,
+            retries: http::RetryBudget::default(),
+        })
     }
 
     fn url(&self, path: &str, params: &[(&str, &str)]) -> Result<Url, ConnectorError> {
@@ -173,10 +179,11 @@ impl HealthImagingConnector {
     /// One signed POST, throttling waited out a few times.
     async fn post(&self, url: &Url, body: &[u8]) -> Result<http::Answer, ConnectorError> {
         let mut throttled = 0;
+        self.retries.request();
         loop {
             let credentials = self.settings.credentials.credentials().await?;
             // Both operations only read, so a transport failure is retried.
-            let answer = http::send_idempotent(|| {
+            let answer = http::send_idempotent(&self.retries, || {
                 let request = self
                     .client
                     .post(url.clone())
@@ -193,7 +200,7 @@ impl HealthImagingConnector {
                 )
             })
             .await?;
-            match http::throttle_wait(&answer, throttled) {
+            match http::throttle_wait(&answer, throttled, &self.retries) {
                 Some(wait) => {
                     throttled += 1;
                     tracing::debug!(wait_ms = wait.as_millis() as u64, "throttled; waiting");

@@ -1,6 +1,7 @@
 //! What every HTTP connector shares: sending one request and reading its
 //! whole body, transport retries, throttling, and safe error descriptions.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -15,6 +16,51 @@ pub(crate) const THROTTLED_ATTEMPTS: u32 = 4;
 /// The longest `Retry-After` waited for; longer ones end the search (the
 /// partner's deadline would pass anyway).
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// How many retries one partner may be sent, shared by all its requests
+/// (the retry budget of Finagle and Envoy): each request puts a fifth of a
+/// retry into the budget, each retry (after a transport failure or a 429)
+/// takes a whole one out, and the budget holds at most ten. Retries stay
+/// within 20 % of requests plus a reserve, so a partner failing for everyone
+/// gets each request about once instead of [`TRANSPORT_ATTEMPTS`] or
+/// [`THROTTLED_ATTEMPTS`] times, while occasional failures are retried.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Thousandths of a retry.
+    milli_retries: AtomicU32,
+}
+
+impl RetryBudget {
+    const MAX: u32 = 10_000;
+    const RETRY: u32 = 1_000;
+    const PER_REQUEST: u32 = 200;
+
+    /// A new request (not a retry) is being sent.
+    pub fn request(&self) {
+        let _ = self
+            .milli_retries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |balance| {
+                Some((balance + Self::PER_REQUEST).min(Self::MAX))
+            });
+    }
+
+    /// Takes one retry out of the budget, if it holds one.
+    pub fn retry(&self) -> bool {
+        self.milli_retries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |balance| {
+                balance.checked_sub(Self::RETRY)
+            })
+            .is_ok()
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            milli_retries: AtomicU32::new(Self::MAX),
+        }
+    }
+}
 
 /// One answer: status, `Retry-After` (seconds form), `Content-Encoding`
 /// and the whole body.
@@ -76,10 +122,11 @@ pub(crate) async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, Fe
 
 /// Sends a request made by `request` (called once per attempt, so that
 /// signatures carry the attempt's time), retrying transport failures that
-/// are not timeouts up to [`TRANSPORT_ATTEMPTS`] times. Only for requests
-/// that change nothing upstream. Timeouts are not retried: the deadline is
-/// the caller's.
+/// are not timeouts up to [`TRANSPORT_ATTEMPTS`] times while `budget`
+/// allows. Only for requests that change nothing upstream. Timeouts are not
+/// retried: the deadline is the caller's.
 pub(crate) async fn send_idempotent(
+    budget: &RetryBudget,
     request: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<Answer, ConnectorError> {
     let mut attempt = 1;
@@ -94,7 +141,7 @@ pub(crate) async fn send_idempotent(
                 return Err(ConnectorError::ResponseTooLarge);
             }
             Err(FetchError::Transport(error))
-                if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS =>
+                if !error.is_timeout() && attempt < TRANSPORT_ATTEMPTS && budget.retry() =>
             {
                 tracing::debug!(
                     kind = transport_kind(&error),
@@ -113,8 +160,13 @@ pub(crate) async fn send_idempotent(
 /// How long to wait before trying a throttled request again, if it should
 /// be: the `Retry-After` asked for, else exponential backoff from 200 ms
 /// with jitter;
-/// `None` once [`THROTTLED_ATTEMPTS`] are used or the wait is too long.
-pub(crate) fn throttle_wait(answer: &Answer, throttled_so_far: u32) -> Option<Duration> {
+/// `None` once [`THROTTLED_ATTEMPTS`] are used, the wait is too long or
+/// `budget` allows no retry.
+pub(crate) fn throttle_wait(
+    answer: &Answer,
+    throttled_so_far: u32,
+    budget: &RetryBudget,
+) -> Option<Duration> {
     if answer.status != StatusCode::TOO_MANY_REQUESTS || throttled_so_far + 1 >= THROTTLED_ATTEMPTS
     {
         return None;
@@ -128,7 +180,7 @@ pub(crate) fn throttle_wait(answer: &Answer, throttled_so_far: u32) -> Option<Du
             base / 2..=base,
         ))
     });
-    (wait <= MAX_RETRY_AFTER).then_some(wait)
+    (wait <= MAX_RETRY_AFTER && budget.retry()).then_some(wait)
 }
 
 /// The error for a status that is not success, if it is not.
@@ -181,5 +233,41 @@ pub(crate) fn transport_kind(error: &reqwest::Error) -> &'static str {
         "response interrupted"
     } else {
         "request failed"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throttled() -> Answer {
+        Answer {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::from_millis(10)),
+            content_encoding: None,
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn retries_stay_within_a_fifth_of_requests_beyond_a_reserve_of_ten() {
+        let budget = RetryBudget::default();
+        // A partner throttling everything: the reserve goes first…
+        for _ in 0..10 {
+            assert!(throttle_wait(&throttled(), 0, &budget).is_some());
+        }
+        assert_eq!(throttle_wait(&throttled(), 0, &budget), None);
+        // …then one retry per five requests.
+        for _ in 0..4 {
+            budget.request();
+            assert!(!budget.retry());
+        }
+        budget.request();
+        assert!(budget.retry());
+        // Requests refill the reserve, but never beyond ten retries.
+        for _ in 0..1_000 {
+            budget.request();
+        }
+        assert_eq!((0..20).filter(|_| budget.retry()).count(), 10);
     }
 }

@@ -335,6 +335,18 @@ async fn missing_stores_refused_credentials_and_throttling_are_told_apart() {
     assert_eq!(data["cohortCount"]["complete"], false);
     // Throttled requests were tried again a few times, then given up on.
     assert_eq!(always_throttled.throttled() - throttled_before, 4);
+    // Asked again and again, the partner gets retries only while its retry
+    // budget lasts: four more queries send it 9 requests, not 16.
+    let throttled_before = always_throttled.throttled();
+    for _ in 0..4 {
+        gateway
+            .query(
+                r#"query { cohortCount(project: "ground-truth", filter: {partners: ["busy"]}) { total } }"#,
+                json!({}),
+            )
+            .await;
+    }
+    assert_eq!(always_throttled.throttled() - throttled_before, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

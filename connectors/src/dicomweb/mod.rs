@@ -79,6 +79,8 @@ pub struct DicomWebConnector {
     page_size: u32,
     /// What the last capability probe measured, if one ran.
     measured: RwLock<Option<probe::Measured>>,
+    /// Retries this partner may be sent.
+    retries: http::RetryBudget,
 }
 
 /// The study-level attributes asked for beyond the QIDO-RS defaults.
@@ -140,6 +142,7 @@ impl DicomWebConnector {
             client,
             page_size,
             measured: RwLock::new(None),
+            retries: http::RetryBudget::default(),
         })
     }
 
@@ -279,10 +282,11 @@ impl DicomWebConnector {
         };
         let mut renewed = false;
         let mut throttled = 0;
+        self.retries.request();
         let answer = loop {
             let answer = self.send(&url, token.as_ref()).await?;
             // Throttled: wait as asked (or back off) and try again, a few times.
-            if let Some(wait) = http::throttle_wait(&answer, throttled) {
+            if let Some(wait) = http::throttle_wait(&answer, throttled, &self.retries) {
                 throttled += 1;
                 tracing::debug!(wait_ms = wait.as_millis() as u64, "throttled; waiting");
                 tokio::time::sleep(wait).await;
@@ -614,7 +618,7 @@ impl DicomWebConnector {
             Auth::SigV4 { credentials, .. } => Some(credentials.credentials().await?),
             _ => None,
         };
-        http::send_idempotent(|| {
+        http::send_idempotent(&self.retries, || {
             let request = self
                 .client
                 .get(url.clone())
