@@ -1,6 +1,8 @@
 //! One failing partner never fails the query: a stopped Orthanc is reported
 //! UNAVAILABLE and a partner slower than its deadline TIMEOUT, while the
-//! other partners' answers stay complete.
+//! other partners' answers stay complete; partners that answer 500s,
+//! malformed or endless bodies, never, or with a reset get their codes,
+//! trip their circuit breakers and are called again once they recover.
 
 #![allow(
     clippy::unwrap_used,
@@ -9,6 +11,8 @@
     reason = "tests fail loudly"
 )]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use meshgate_tests::{
@@ -131,4 +135,204 @@ async fn a_partner_slower_than_its_deadline_times_out_and_the_answer_still_arriv
         15
     );
     assert!(proxy.bytes_sent() > 0, "the slow partner was asked");
+}
+
+/// How a [`HostilePartner`] treats each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Behaviour {
+    /// `200 []`.
+    Healthy,
+    /// `500`.
+    ServerError,
+    /// `200` with DICOM JSON cut off half-way.
+    Malformed,
+    /// `200` with a body that goes on past 32 MiB, without a length.
+    Endless,
+    /// Reads the request and never answers.
+    Silent,
+    /// Reads the request and resets the connection.
+    Reset,
+}
+
+/// A DICOMweb partner at the TCP level, misbehaving as told, counting the
+/// connections it accepts.
+struct HostilePartner {
+    url: String,
+    behaviour: Arc<AtomicU8>,
+    connections: Arc<AtomicU32>,
+}
+
+impl HostilePartner {
+    async fn start() -> HostilePartner {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/dicom-web/", listener.local_addr().unwrap());
+        let behaviour = Arc::new(AtomicU8::new(Behaviour::Healthy as u8));
+        let connections = Arc::new(AtomicU32::new(0));
+        let (mode, count) = (Arc::clone(&behaviour), Arc::clone(&connections));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let mode = mode.load(Ordering::SeqCst);
+                tokio::spawn(serve(stream, mode));
+            }
+        });
+        HostilePartner {
+            url,
+            behaviour,
+            connections,
+        }
+    }
+
+    fn behave(&self, behaviour: Behaviour) {
+        self.behaviour.store(behaviour as u8, Ordering::SeqCst);
+    }
+
+    fn connections(&self) -> u32 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(mut stream: tokio::net::TcpStream, mode: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let answer = |status: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/dicom+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let reply = match mode {
+        m if m == Behaviour::Healthy as u8 => answer("200 OK", "[]"),
+        m if m == Behaviour::ServerError as u8 => answer("500 Internal Server Error", "down"),
+        m if m == Behaviour::Malformed as u8 => {
+            answer("200 OK", r#"[{"0020000D": {"vr": "UI", "Value": ["1.2."#)
+        }
+        m if m == Behaviour::Endless as u8 => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/dicom+json\r\nconnection: close\r\n\r\n[";
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..40 {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        m if m == Behaviour::Silent as u8 => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
+        }
+        _ => {
+            // A reset, not an orderly close.
+            stream.set_zero_linger().unwrap();
+            drop(stream);
+            return;
+        }
+    };
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_partners_get_their_codes_trip_their_breakers_and_are_called_again_after_recovery()
+ {
+    let expected = [
+        (Behaviour::ServerError, "ERROR", "PARTNER_HTTP_ERROR"),
+        (Behaviour::Malformed, "ERROR", "PARTNER_BAD_RESPONSE"),
+        (Behaviour::Endless, "ERROR", "PARTNER_RESPONSE_TOO_LARGE"),
+        (Behaviour::Silent, "TIMEOUT", "PARTNER_TIMEOUT"),
+        (Behaviour::Reset, "UNAVAILABLE", "PARTNER_UNREACHABLE"),
+    ];
+    let mut hostile = Vec::new();
+    let mut config = String::new();
+    for (index, _) in expected.iter().enumerate() {
+        let partner = HostilePartner::start().await;
+        config.push_str(&format!(
+            "[[partners]]\nid = \"p{index}\"\nname = \"partner {index}\"\ndeadline_ms = 1000\n\
+             protection = {{ breaker_failures = 2, breaker_cool_down_ms = 1500 }}\n\
+             [partners.connector]\nkind = \"dicomweb\"\nurl = \"{}\"\n\n",
+            partner.url
+        ));
+        hostile.push(partner);
+    }
+    let fine = HostilePartner::start().await;
+    config.push_str(&dicomweb_partner("fine", &fine.url, 1000, None));
+    // Healthy while the gateway starts and probes them; hostile from now on.
+    let gateway = Gateway::start(&config).await;
+    for (partner, (behaviour, _, _)) in hostile.iter().zip(&expected) {
+        partner.behave(*behaviour);
+    }
+    let count = |data: &Value| -> Vec<(String, String)> {
+        (0..expected.len())
+            .map(|i| {
+                let s = status(data, "cohortCount", &format!("p{i}"));
+                (
+                    s["status"].as_str().unwrap().to_owned(),
+                    s["code"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    const COUNT: &str = r#"query { cohortCount(project: "ground-truth") { total complete partners { partner status code } } }"#;
+
+    // Each failure is told apart, the healthy partner answers, and the
+    // partner that never answers costs no more than its deadline.
+    for _ in 0..2 {
+        let started = Instant::now();
+        let data = gateway.query(COUNT, json!({})).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let want: Vec<(String, String)> = expected
+            .iter()
+            .map(|(_, status, code)| ((*status).to_owned(), (*code).to_owned()))
+            .collect();
+        assert_eq!(count(&data), want);
+        assert_eq!(status(&data, "cohortCount", "fine")["status"], "OK");
+        assert_eq!(data["cohortCount"]["complete"], false);
+    }
+
+    // Two failures in a row opened every breaker: no partner is called.
+    let before: Vec<u32> = hostile.iter().map(HostilePartner::connections).collect();
+    let data = gateway.query(COUNT, json!({})).await;
+    assert!(
+        count(&data)
+            .iter()
+            .all(|(status, code)| status == "CIRCUIT_OPEN" && code == "PARTNER_CIRCUIT_OPEN"),
+        "{data}"
+    );
+    let after: Vec<u32> = hostile.iter().map(HostilePartner::connections).collect();
+    assert_eq!(
+        before, after,
+        "a partner was called while its circuit was open"
+    );
+
+    // Recovered, and past the cool-down: the probe succeeds and closes them.
+    for partner in &hostile {
+        partner.behave(Behaviour::Healthy);
+    }
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    for _ in 0..2 {
+        let data = gateway.query(COUNT, json!({})).await;
+        assert!(
+            count(&data).iter().all(|(status, _)| status == "OK"),
+            "{data}"
+        );
+        assert_eq!(data["cohortCount"]["complete"], true);
+    }
+    let recovered: Vec<u32> = hostile.iter().map(HostilePartner::connections).collect();
+    assert!(recovered.iter().zip(&after).all(|(now, then)| now > then));
 }
