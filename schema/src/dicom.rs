@@ -10,8 +10,32 @@ pub struct Tag(pub u16, pub u16);
 
 impl Tag {
     /// The tag as DICOM JSON writes it: eight upper-case hex digits.
-    pub fn json_key(self) -> String {
-        format!("{:04X}{:04X}", self.0, self.1)
+    pub fn json_key(self) -> JsonKey {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut key = [0_u8; 8];
+        let value = (u32::from(self.0) << 16) | u32::from(self.1);
+        for (i, digit) in key.iter_mut().enumerate() {
+            *digit = HEX[((value >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        JsonKey(key)
+    }
+}
+
+/// A tag's DICOM JSON key, without allocating (tags are looked up for
+/// every attribute of every row a partner returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonKey([u8; 8]);
+
+impl JsonKey {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for JsonKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -70,7 +94,7 @@ pub trait DicomAttributes {
 impl DicomAttributes for serde_json::Map<String, Value> {
     fn texts(&self, tag: Tag) -> Vec<String> {
         let Some(values) = self
-            .get(&tag.json_key())
+            .get(tag.json_key().as_str())
             .and_then(|attribute| attribute.get("Value"))
             .and_then(Value::as_array)
         else {
@@ -241,6 +265,12 @@ pub fn parse_age_years(value: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_are_keyed_as_dicom_json_writes_them() {
+        assert_eq!(tags::STUDY_INSTANCE_UID.json_key().as_str(), "0020000D");
+        assert_eq!(Tag(0xABCD, 0x0001).json_key().to_string(), "ABCD0001");
+    }
     use time::macros::{date, time};
 
     #[test]

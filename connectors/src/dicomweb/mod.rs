@@ -599,7 +599,7 @@ impl Connector for DicomWebConnector {
 fn include_fields(fields: &[Tag]) -> String {
     fields
         .iter()
-        .map(|tag| tag.json_key())
+        .map(|tag| tag.json_key().to_string())
         .collect::<Vec<_>>()
         .join(",")
 }
