@@ -31,6 +31,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
 
 pub use fhir::audit_event;
 pub use store::{Scope, Selection, Store, StoreLocation, StoredEntry};
@@ -43,7 +44,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// Why the audit log could not do something. The gateway answers `503
 /// AUDIT_UNAVAILABLE` for all of them; messages name no credentials.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     #[error("the audit log is unavailable: {0}")]
     Unavailable(String),
@@ -149,6 +150,8 @@ pub struct AuditSettings {
 #[derive(Debug)]
 pub struct AuditLog {
     store: Store,
+    /// Records waiting for the writer, which commits them together.
+    queue: mpsc::UnboundedSender<Pending>,
     signing_key: Arc<SigningKey>,
     every_records: i64,
     checkpoint_file: Option<PathBuf>,
@@ -158,6 +161,42 @@ pub struct AuditLog {
     checkpointed: AtomicI64,
     /// One checkpoint file write at a time.
     file_lock: tokio::sync::Mutex<()>,
+}
+
+/// A record waiting to be committed, and who waits for the outcome.
+#[derive(Debug)]
+struct Pending {
+    entry: Entry,
+    done: oneshot::Sender<Result<StoredEntry, AuditError>>,
+}
+
+/// The most records committed in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// Commits what is queued, in groups: each transaction takes every record
+/// waiting when it starts (up to [`MAX_GROUP`]), so under load one fsync
+/// serves many requests and at rest a record commits alone at once.
+async fn write_groups(store: Store, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let result = store
+            .append(group.len(), |index, seq, prev| {
+                group[index].entry.chain(seq, prev)
+            })
+            .await;
+        match result {
+            Ok(rows) => {
+                for (pending, row) in group.drain(..).zip(rows) {
+                    let _ = pending.done.send(Ok(row));
+                }
+            }
+            Err(error) => {
+                for pending in group.drain(..) {
+                    let _ = pending.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// What happens on a fatal storage error; the binary stops the process.
@@ -173,8 +212,11 @@ impl AuditLog {
             .await?
             .map(|c| c.seq)
             .unwrap_or_default();
+        let (queue, queued) = mpsc::unbounded_channel();
+        tokio::spawn(write_groups(store.clone(), queued));
         let log = Arc::new(AuditLog {
             store,
+            queue,
             signing_key: Arc::clone(&settings.signing_key),
             every_records: settings.checkpoint_every_records.max(1),
             checkpoint_file: settings.checkpoint_file.clone(),
@@ -216,20 +258,21 @@ impl AuditLog {
         result
     }
 
-    /// Appends one record and returns its sequence number. The append runs
-    /// to completion even if the request that asked for it goes away.
+    /// Appends one record and returns its sequence number once it is
+    /// committed, possibly together with others. Once queued, the record is
+    /// committed even if the request that asked for it goes away.
     pub async fn append(
         self: &Arc<Self>,
         record: &AuditRecord,
         fatal: &FatalHandler,
     ) -> Result<i64, AuditError> {
         let entry = Entry::of(record)?;
-        let log = Arc::clone(self);
-        let appended =
-            tokio::spawn(async move { log.store.append(|seq, prev| entry.chain(seq, prev)).await })
-                .await
-                .map_err(|_| AuditError::Unavailable("the append task failed".into()))
-                .and_then(|result| result);
+        let (done, outcome) = oneshot::channel();
+        let gone = || AuditError::Unavailable("the audit writer stopped".into());
+        let appended = match self.queue.send(Pending { entry, done }) {
+            Ok(()) => outcome.await.unwrap_or_else(|_| Err(gone())),
+            Err(_) => Err(gone()),
+        };
         match appended {
             Ok(row) => {
                 if row.seq % self.every_records == 0

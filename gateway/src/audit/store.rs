@@ -198,13 +198,15 @@ impl Store {
         Ok(())
     }
 
-    /// Appends one entry in one transaction: takes the head's lock, makes
-    /// the entry from the head (`make(seq, prev_hash)`), inserts it and
-    /// moves the head. Committed (and, for SQLite, synced) on return.
+    /// Appends `count` entries in one transaction (group commit): takes the
+    /// head's lock, makes each entry from the one before
+    /// (`make(index, seq, prev_hash)`), inserts them and moves the head.
+    /// Committed (and, for SQLite, synced) on return, all or none.
     pub async fn append(
         &self,
-        make: impl Fn(i64, &str) -> StoredEntry,
-    ) -> Result<StoredEntry, AuditError> {
+        count: usize,
+        make: impl Fn(usize, i64, &str) -> StoredEntry,
+    ) -> Result<Vec<StoredEntry>, AuditError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(unavailable)?;
             // A write first: SQLite takes its write lock and PostgreSQL the
@@ -217,35 +219,41 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            let seq: i64 = head.try_get("seq").map_err(unavailable)?;
-            let prev: String = head.try_get("hash").map_err(unavailable)?;
-            let row = make(seq + 1, &prev);
-            sqlx::query(
-                "INSERT INTO audit_log (seq, recorded, prev_hash, hash, issuer, subject, institution, outcome, projects, partners, record)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(row.seq)
-            .bind(&row.recorded)
-            .bind(&row.prev_hash)
-            .bind(&row.hash)
-            .bind(&row.issuer)
-            .bind(&row.subject)
-            .bind(&row.institution)
-            .bind(&row.outcome)
-            .bind(&row.projects)
-            .bind(&row.partners)
-            .bind(&row.record)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            let mut seq: i64 = head.try_get("seq").map_err(unavailable)?;
+            let mut prev: String = head.try_get("hash").map_err(unavailable)?;
+            let mut rows = Vec::with_capacity(count);
+            for index in 0..count {
+                seq += 1;
+                let row = make(index, seq, &prev);
+                sqlx::query(
+                    "INSERT INTO audit_log (seq, recorded, prev_hash, hash, issuer, subject, institution, outcome, projects, partners, record)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
                 .bind(row.seq)
+                .bind(&row.recorded)
+                .bind(&row.prev_hash)
                 .bind(&row.hash)
+                .bind(&row.issuer)
+                .bind(&row.subject)
+                .bind(&row.institution)
+                .bind(&row.outcome)
+                .bind(&row.projects)
+                .bind(&row.partners)
+                .bind(&row.record)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                prev.clone_from(&row.hash);
+                rows.push(row);
+            }
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(seq)
+                .bind(&prev)
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
             tx.commit().await.map_err(unavailable)?;
-            Ok(row)
+            Ok(rows)
         })
     }
 
