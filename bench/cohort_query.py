@@ -11,12 +11,18 @@ chest between 2018 and 2022 — two ways in the same run:
              QIDO-RS in turn (series-level search for the count, then series
              and instances of the 20 newest matching studies).
 
+meshgate runs with its cache off, so every run asks the partners; a second
+gateway with the cache on times the same questions asked again (answered
+from the cache). With --latency-ms, every partner (for both sides) sits
+behind a proxy that delays each direction by half that, as partners reached
+over a wide-area network would be.
+
 Prints medians and the ratio meshgate / baseline (lower is better), and checks
 both found the same number of studies. Data and Orthanc storage are kept in
 --work between runs so only the first run pays for loading.
 
     cargo build --release -p meshgate-gateway
-    python3 bench/cohort_query.py [--studies 2000] [--runs 15]
+    python3 bench/cohort_query.py [--studies 2000] [--runs 15] [--latency-ms 20]
 """
 import argparse
 import concurrent.futures
@@ -24,10 +30,12 @@ import http.client
 import json
 import os
 import pathlib
+import queue
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -98,11 +106,62 @@ def timed(fn, runs):
     return statistics.median(times), max(times), result
 
 
+def delay_proxy(upstream_port, one_way):
+    """A TCP proxy to 127.0.0.1:upstream_port that delivers every chunk
+    `one_way` seconds after it arrived, in each direction (pipelined, like a
+    long link). Returns its port."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(256)
+
+    def pump(src, dst):
+        chunks = queue.Queue()
+
+        def deliver():
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=deliver, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + one_way, data))
+            if not data:
+                return
+
+    def accept():
+        while True:
+            client, _ = listener.accept()
+            server = socket.create_connection(("127.0.0.1", upstream_port))
+            for a, b in ((client, server), (server, client)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--work", default="/tmp/meshgate-bench")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="round-trip time added between everyone and each partner")
     args = ap.parse_args()
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     binary = target / "release/meshgate"
@@ -124,6 +183,8 @@ def main():
                 t = time.perf_counter()
                 n = load(port, data / "dicom")
                 print(f"loaded {n} instances into {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            if args.latency_ms > 0:
+                ports[name] = delay_proxy(port, args.latency_ms / 2000.0)
 
         # A development issuer for the researcher's token, and policies that
         # release identified records, so both sides return the same studies.
@@ -139,28 +200,30 @@ def main():
         (work / "pseudonym.key").write_text("bench pseudonymisation key, 32 bytes or more")
         (work / "checkpoint.pem").write_text(
             subprocess.run([binary, "audit", "keygen"], check=True, capture_output=True, text=True).stdout)
-        config = work / "meshgate.toml"
         text = ('listen = "127.0.0.1:0"\n\n[auth]\n[[auth.issuers]]\n'
                 f'issuer = "{issued["issuer"]}"\naudiences = ["meshgate"]\njwks_url = "{issued["jwks_url"]}"\n\n'
                 '[policies]\nconsortium = ["allow.cedar"]\n\n'
                 f'[deidentification]\nkey = "${{file:{work / "pseudonym.key"}}}"\n\n'
                 f'[audit]\nstore = "sqlite:audit.db"\ncheckpoint_key = "${{file:{work / "checkpoint.pem"}}}"\n\n'
+                '[cache]\nttl_seconds = CACHE_TTL\n\n'
                 '[[projects]]\nid = "bench"\ntitle = "Benchmark"\npurposes = ["DUO:0000042"]\n')
         for name, _ in PARTNERS:
             text += (f'\n[[partners]]\nid = "{name}"\nname = "{name}"\ndeadline_ms = 30000\nutc_offset = "+01:00"\n'
                      f'institution = "{name}"\ndata_use = {{ permission = "DUO:0000042" }}\npolicies = ["allow.cedar"]\n'
                      f'[partners.connector]\nkind = "dicomweb"\nprofile = "orthanc"\n'
                      f'url = "http://127.0.0.1:{ports[name]}/dicom-web/"\n')
-        config.write_text(text)
-        gateway = subprocess.Popen([binary, "serve", "--config", config], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
-        procs.append(gateway)
-        line = gateway.stdout.readline()
-        url = line.split("http://")[1].split()[0]
-        endpoint = "http://" + url
+        endpoints = {}
+        for mode, ttl in [("uncached", 0), ("cached", 600)]:
+            config = work / f"meshgate-{mode}.toml"
+            config.write_text(text.replace("CACHE_TTL", str(ttl)).replace("audit.db", f"audit-{mode}.db"))
+            gateway = subprocess.Popen([binary, "serve", "--config", config], stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, text=True)
+            procs.append(gateway)
+            line = gateway.stdout.readline()
+            endpoints[mode] = "http://" + line.split("http://")[1].split()[0]
 
-        def gql(query):
-            req = urllib.request.Request(endpoint, data=json.dumps({"query": query, "variables": {"f": FILTER}}).encode(),
+        def gql(query, mode="uncached"):
+            req = urllib.request.Request(endpoints[mode], data=json.dumps({"query": query, "variables": {"f": FILTER}}).encode(),
                                          headers={"content-type": "application/json",
                                                   "authorization": f"Bearer {token}"})
             with urllib.request.urlopen(req) as r:
@@ -169,12 +232,13 @@ def main():
                 raise SystemExit(body["errors"])
             return body["data"]
 
-        def meshgate_count():
-            return gql("query($f: StudyFilter){ cohortCount(project: \"bench\", filter: $f) { total complete } }")["cohortCount"]["total"]
+        def meshgate_count(mode="uncached"):
+            return gql("query($f: StudyFilter){ cohortCount(project: \"bench\", filter: $f) { total complete } }",
+                       mode)["cohortCount"]["total"]
 
-        def meshgate_page():
+        def meshgate_page(mode="uncached"):
             data = gql("query($f: StudyFilter){ imagingStudies(project: \"bench\", filter: $f, first: 20) "
-                       "{ nodes { studyInstanceUid fhir } totalCount } }")["imagingStudies"]
+                       "{ nodes { studyInstanceUid fhir } totalCount } }", mode)["imagingStudies"]
             return data["totalCount"], len(data["nodes"])
 
         def baseline_matches():
@@ -202,10 +266,13 @@ def main():
                 get_json(f"{base}/studies/{uid}/instances")
             return len(found), min(20, len(found))
 
-        gql("{ partners { id } }")  # warm up connections
+        for mode in endpoints:
+            gql("{ partners { id } }", mode)  # warm up connections
         results = {}
         for label, fn in [("count: meshgate", meshgate_count), ("count: baseline", baseline_count),
-                          ("page of 20: meshgate", meshgate_page), ("page of 20: baseline", baseline_page)]:
+                          ("count: cached", lambda: meshgate_count("cached")),
+                          ("page of 20: meshgate", meshgate_page), ("page of 20: baseline", baseline_page),
+                          ("page of 20: cached", lambda: meshgate_page("cached"))]:
             fn()
             results[label] = timed(fn, args.runs)
         mc, bc = results["count: meshgate"][2], results["count: baseline"][2]
@@ -213,12 +280,13 @@ def main():
         if mc != bc or mp[0] != bp[0]:
             raise SystemExit(f"answers differ: meshgate {mc}/{mp}, baseline {bc}/{bp}")
         print(f"cohort: CT or MR, CHEST, 2018-2022 over 3 Orthanc partners x {args.studies} studies "
-              f"-> {mc} studies; {args.runs} runs each, median (max) ms")
+              f"-> {mc} studies; partner RTT +{args.latency_ms:g} ms; {args.runs} runs each, median (max) ms")
         for label, (median, worst, _) in results.items():
             print(f"  {label:<22} {median:8.1f} ({worst:.1f})")
         for what in ["count", "page of 20"]:
             ratio = results[f"{what}: meshgate"][0] / results[f"{what}: baseline"][0]
-            print(f"  ratio meshgate/baseline, {what}: {ratio:.2f}")
+            cached = results[f"{what}: cached"][0] / results[f"{what}: baseline"][0]
+            print(f"  ratio meshgate/baseline, {what}: {ratio:.2f} (cache off), {cached:.3f} (asked again, cached)")
     finally:
         for proc in procs:
             proc.kill()

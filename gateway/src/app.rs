@@ -33,6 +33,8 @@ use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use tracing::Instrument as _;
+
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
@@ -580,8 +582,27 @@ async fn authenticate(
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let started = std::time::Instant::now();
-    let response = handle_graphql(state, request).await;
-    METRICS.request(response.status().as_u16(), started.elapsed());
+    // The request's span: its id and status only (no operation text, no
+    // caller, no filter values).
+    let span = tracing::info_span!(
+        "graphql request",
+        otel.kind = "server",
+        request_id = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = handle_graphql(state, request)
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    if let Some(id) = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        span.record("request_id", id);
+    }
+    span.record("http.response.status_code", status);
+    METRICS.request(status, started.elapsed());
     response
 }
 

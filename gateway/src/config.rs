@@ -25,6 +25,7 @@ use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSet
 use crate::cache::CacheConfig;
 use crate::limits::QueryLimits;
 use crate::protection::ProtectionConfig;
+use crate::telemetry::TelemetrySection;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +48,9 @@ pub struct Config {
     /// How partners' answers are cached.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Where traces are exported.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,

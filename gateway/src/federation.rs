@@ -26,6 +26,7 @@ use meshgate_schema::fhir::MappingOptions;
 use meshgate_schema::{Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
+use tracing::Instrument as _;
 
 use crate::cache::{CacheKey, SearchCache};
 use crate::metrics::METRICS;
@@ -333,7 +334,12 @@ impl Federation {
                     None => query,
                 };
                 let key = CacheKey::new(&partner.id, asked, &grants.project, &grant.disclosure);
-                let search = guarded(&partner, deadline, partner.connector.search(asked));
+                let search = guarded(
+                    &partner,
+                    "search",
+                    deadline,
+                    partner.connector.search(asked),
+                );
                 // A caller joining another's search still keeps its own deadline.
                 let answer = timeout_at(deadline, self.cache.get_or_search(key, search))
                     .await
@@ -434,6 +440,7 @@ impl Federation {
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();
                 let failure = guarded(
                     &search.partner,
+                    "series",
                     search.deadline,
                     search.partner.connector.load_series(&mut studies),
                 )
@@ -557,6 +564,38 @@ fn status(search: &PartnerSearch) -> PartnerStatus {
 /// open, after waiting for a call slot, within `deadline`; the outcome
 /// feeds the breaker (only the partner's own faults count against it).
 async fn guarded<T>(
+    partner: &Partner,
+    phase: &'static str,
+    deadline: Instant,
+    call: impl Future<Output = Result<T, ConnectorError>>,
+) -> Result<T, Failure> {
+    let span = tracing::info_span!(
+        "partner call",
+        otel.kind = "client",
+        partner = %partner.id,
+        phase,
+        status = tracing::field::Empty,
+        code = tracing::field::Empty,
+    );
+    let result = guarded_call(partner, deadline, call)
+        .instrument(span.clone())
+        .await;
+    let (status, code) = match &result {
+        Ok(_) => (PartnerOutcome::Ok, None),
+        Err(failure) => {
+            let (status, code, _) = describe(failure);
+            (status, Some(code))
+        }
+    };
+    span.record("status", outcome_name(status));
+    if let Some(code) = code {
+        span.record("code", code.as_str());
+    }
+    result
+}
+
+/// The call itself, through the guard; see [`guarded`].
+async fn guarded_call<T>(
     partner: &Partner,
     deadline: Instant,
     call: impl Future<Output = Result<T, ConnectorError>>,

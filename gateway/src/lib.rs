@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod protection;
 pub mod request;
 pub mod synth;
+pub mod telemetry;
 
 pub use app::{Gateway, build_app, federation, run, start};
 pub use config::{Config, ConfigError, LoadedConfig, ProcessEnvironment};

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use meshgate_gateway::config::{Config, ProcessEnvironment};
 use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{SynthSpec, synthesise};
+use meshgate_gateway::telemetry::{self, TelemetrySection};
 use meshgate_gateway::{LoadedConfig, audit, build_app, demo, graphql, run, start};
 use tokio::net::TcpListener;
 
@@ -148,13 +149,13 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` exports traces as its configuration says; it installs the
+    // subscriber once that is loaded.
+    if !matches!(cli.command, Command::Serve { .. })
+        && let Err(error) = telemetry::init(&TelemetrySection::default())
+    {
+        eprintln!("error: logging could not be set up: {error}");
+    }
     match cli.command {
         Command::Schema => {
             print!("{}", graphql::sdl());
@@ -241,7 +242,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            block_on(serve(loaded, Instant::now(), false))
+            let telemetry = match telemetry::init(&loaded.config.telemetry) {
+                Ok(telemetry) => telemetry,
+                Err(error) => {
+                    eprintln!("error: telemetry could not be set up: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let exit = block_on(serve(loaded, Instant::now(), false));
+            telemetry.shutdown();
+            exit
         }
         Command::Demo {
             data,
