@@ -156,7 +156,8 @@ struct PartnerSearch {
     started: Instant,
     /// Time spent on this partner so far (search, then series for the page).
     elapsed: Duration,
-    result: Result<SearchOutcome, Failure>,
+    /// Shared with the cache: never changed, only read.
+    result: Result<Arc<SearchOutcome>, Failure>,
     /// Whether the search's answer came from the cache.
     cached: bool,
     /// Set when the detail phase failed after the search succeeded.
@@ -345,14 +346,17 @@ impl Federation {
                     .await
                     .unwrap_or((Err(Failure::Timeout), false));
                 cached = answer.1;
-                answer.0.map(|outcome| {
-                    let mut outcome = SearchOutcome::clone(&outcome);
-                    if let Some(deid) = pseudonymous {
-                        outcome
+                answer.0.map(|outcome| match pseudonymous {
+                    Some(deid) => Arc::new(SearchOutcome {
+                        studies: outcome
                             .studies
-                            .retain(|study| query.study_uids.contains(&deid.uid(&study.uid)));
-                    }
-                    outcome
+                            .iter()
+                            .filter(|study| query.study_uids.contains(&deid.uid(&study.uid)))
+                            .cloned()
+                            .collect(),
+                        truncated: outcome.truncated,
+                    }),
+                    None => outcome,
                 })
             };
             if let Err(failure) = &result {
@@ -420,14 +424,14 @@ impl Federation {
         let has_next_page = merged.len() > first;
         merged.truncate(first);
 
-        // Take the page's studies out of each partner's answer, keeping order.
+        // Copy the page's studies out of each partner's (shared) answer, keeping order.
         let mut per_partner: Vec<Vec<(usize, Study)>> = vec![Vec::new(); searches.len()];
         for (position, (_, partner_index, study_index)) in merged.iter().enumerate() {
-            if let Some(Ok(outcome)) = searches.get_mut(*partner_index).map(|s| s.result.as_mut())
-                && let Some(study) = outcome.studies.get_mut(*study_index)
+            if let Some(Ok(outcome)) = searches.get(*partner_index).map(|s| s.result.as_ref())
+                && let Some(study) = outcome.studies.get(*study_index)
                 && let Some(bucket) = per_partner.get_mut(*partner_index)
             {
-                bucket.push((position, std::mem::take(study)));
+                bucket.push((position, study.clone()));
             }
         }
 
