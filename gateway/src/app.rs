@@ -38,7 +38,7 @@ use tracing::Instrument as _;
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
-use crate::cache::SearchCache;
+use crate::cache::AnswerCache;
 use crate::config::{
     AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
     LoadedConfig, parse_utc_offset,
@@ -386,7 +386,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
     }
     Ok(Federation::new(
         partners,
-        SearchCache::new(loaded.config.cache),
+        AnswerCache::new(loaded.config.cache),
     ))
 }
 

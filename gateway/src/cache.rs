@@ -1,15 +1,16 @@
-//! Partners' search answers, cached for a short time.
+//! Partners' answers, cached for a short time: search answers, and the
+//! series of the studies a page listed.
 //!
 //! An entry is keyed by everything that decides what may be made of it:
-//! the partner, the normalised query as the partner was asked it, the
-//! project, and the policy decision with its de-identification profile. A
-//! principal whose decision differs has a different key, so a cached answer
-//! is never served across decisions, even though disclosure rules are
-//! applied after the cache either way.
+//! the partner, the normalised query as the partner was asked it (or the
+//! study), the project, and the policy decision with its de-identification
+//! profile. A principal whose decision differs has a different key, so a
+//! cached answer is never served across decisions, even though disclosure
+//! rules are applied after the cache either way.
 //!
 //! The cache is bounded in bytes (entries are weighed by an estimate of
-//! what they hold) and by age. Concurrent identical searches are coalesced
-//! into one partner call; failures are never cached.
+//! what they hold; series get a quarter) and by age. Concurrent identical
+//! searches are coalesced into one partner call; failures are never cached.
 
 use std::future::Future;
 use std::mem::size_of;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use meshgate_connectors::SearchOutcome;
 use meshgate_policies::Disclosure;
-use meshgate_schema::{Series, Study, StudyQuery};
+use meshgate_schema::{Instance, Series, Study, StudyQuery};
 use moka::future::Cache;
 use serde::Deserialize;
 
@@ -47,15 +48,17 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     partner: String,
-    /// The normalised query as canonical JSON, without the partner list
-    /// (which only chooses whom to ask).
-    query: String,
+    /// For a search: the normalised query as canonical JSON, without the
+    /// partner list (which only chooses whom to ask). For series: the
+    /// study's UID.
+    asked: String,
     project: String,
     /// `IDENTIFIED`, `DEIDENTIFIED:<profile>` or `COUNTS_ONLY`.
     decision: String,
 }
 
 impl CacheKey {
+    /// The key of a search.
     pub fn new(
         partner: &str,
         query: &StudyQuery,
@@ -66,39 +69,73 @@ impl CacheKey {
             partners: Default::default(),
             ..query.clone()
         };
-        let decision = match disclosure {
-            Disclosure::Identified => "IDENTIFIED".to_owned(),
-            Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
-            Disclosure::CountsOnly => "COUNTS_ONLY".to_owned(),
-            Disclosure::Denied { .. } => "DENIED".to_owned(),
-        };
         CacheKey {
             partner: partner.to_owned(),
-            query: serde_json::to_string(&query).unwrap_or_default(),
+            asked: serde_json::to_string(&query).unwrap_or_default(),
             project: project.to_owned(),
-            decision,
+            decision: decision(disclosure),
+        }
+    }
+
+    /// The key of a study's series.
+    pub fn series(
+        partner: &str,
+        study_uid: &str,
+        project: &str,
+        disclosure: &Disclosure,
+    ) -> CacheKey {
+        CacheKey {
+            partner: partner.to_owned(),
+            asked: study_uid.to_owned(),
+            project: project.to_owned(),
+            decision: decision(disclosure),
         }
     }
 }
 
-/// The partners' cached search answers.
-#[derive(Debug, Clone)]
-pub struct SearchCache {
-    entries: Option<Cache<CacheKey, Arc<SearchOutcome>>>,
+fn decision(disclosure: &Disclosure) -> String {
+    match disclosure {
+        Disclosure::Identified => "IDENTIFIED".to_owned(),
+        Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
+        Disclosure::CountsOnly => "COUNTS_ONLY".to_owned(),
+        Disclosure::Denied { .. } => "DENIED".to_owned(),
+    }
 }
 
-impl SearchCache {
-    pub fn new(config: CacheConfig) -> SearchCache {
-        let entries = (config.ttl_seconds > 0 && config.max_bytes > 0).then(|| {
-            Cache::builder()
-                .max_capacity(config.max_bytes)
-                .weigher(|key: &CacheKey, outcome: &Arc<SearchOutcome>| {
-                    u32::try_from(weight(key, outcome)).unwrap_or(u32::MAX)
-                })
-                .time_to_live(Duration::from_secs(config.ttl_seconds))
-                .build()
-        });
-        SearchCache { entries }
+/// The partners' cached answers.
+#[derive(Debug, Clone)]
+pub struct AnswerCache {
+    searches: Option<Cache<CacheKey, Arc<SearchOutcome>>>,
+    series: Option<Cache<CacheKey, Arc<Vec<Series>>>>,
+}
+
+/// A moka cache bounded by `max_bytes` as `weigh` estimates entries, or
+/// none when caching is off.
+fn bounded<V: Clone + Send + Sync + 'static>(
+    config: CacheConfig,
+    max_bytes: u64,
+    weigh: fn(&V) -> usize,
+) -> Option<Cache<CacheKey, V>> {
+    (config.ttl_seconds > 0 && max_bytes > 0).then(|| {
+        Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(move |key: &CacheKey, value: &V| {
+                u32::try_from(key_weight(key) + weigh(value)).unwrap_or(u32::MAX)
+            })
+            .time_to_live(Duration::from_secs(config.ttl_seconds))
+            .build()
+    })
+}
+
+impl AnswerCache {
+    pub fn new(config: CacheConfig) -> AnswerCache {
+        let for_series = config.max_bytes / 4;
+        AnswerCache {
+            searches: bounded(config, config.max_bytes - for_series, |outcome| {
+                search_weight(outcome)
+            }),
+            series: bounded(config, for_series, |series| series_weight(series)),
+        }
     }
 
     /// The cached answer for `key`, or `search`'s, which is cached when it
@@ -113,7 +150,7 @@ impl SearchCache {
     where
         E: Clone + Send + Sync + 'static,
     {
-        let Some(entries) = &self.entries else {
+        let Some(entries) = &self.searches else {
             return (search.await.map(Arc::new), false);
         };
         match entries
@@ -133,23 +170,62 @@ impl SearchCache {
         }
     }
 
+    /// A study's cached series, if they are.
+    pub async fn series(&self, key: &CacheKey) -> Option<Arc<Vec<Series>>> {
+        let found = self.series.as_ref()?.get(key).await;
+        METRICS.cache(found.is_some());
+        found
+    }
+
+    /// Keeps a study's series.
+    pub async fn keep_series(&self, key: CacheKey, series: Vec<Series>) {
+        if let Some(cache) = &self.series {
+            cache.insert(key, Arc::new(series)).await;
+        }
+    }
+
     /// What the cached answers hold now, in (estimated) bytes.
     pub fn weighted_bytes(&self) -> u64 {
-        self.entries.as_ref().map_or(0, Cache::weighted_size)
+        self.searches.as_ref().map_or(0, Cache::weighted_size)
+            + self.series.as_ref().map_or(0, Cache::weighted_size)
     }
 }
 
-/// An estimate of the memory an entry holds: its structs and their heap
+/// Estimates of the memory an entry holds: its structs and their heap
 /// strings and vectors.
-fn weight(key: &CacheKey, outcome: &SearchOutcome) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
-    let series = |series: &Series| {
-        size_of::<Series>()
-            + series.uid.capacity()
-            + text(&series.modality)
-            + text(&series.description)
-            + text(&series.body_part)
-    };
+fn key_weight(key: &CacheKey) -> usize {
+    size_of::<CacheKey>()
+        + key.partner.len()
+        + key.asked.len()
+        + key.project.len()
+        + key.decision.len()
+}
+
+fn text(s: &Option<String>) -> usize {
+    s.as_ref().map_or(0, String::capacity)
+}
+
+fn series_weight(series: &[Series]) -> usize {
+    series
+        .iter()
+        .map(|series| {
+            size_of::<Series>()
+                + series.uid.capacity()
+                + text(&series.modality)
+                + text(&series.description)
+                + text(&series.body_part)
+                + series
+                    .instances
+                    .iter()
+                    .map(|instance| {
+                        size_of::<Instance>() + instance.uid.capacity() + text(&instance.sop_class)
+                    })
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
+fn search_weight(outcome: &SearchOutcome) -> usize {
     let study = |study: &Study| {
         size_of::<Study>()
             + study.uid.capacity()
@@ -163,15 +239,9 @@ fn weight(key: &CacheKey, outcome: &SearchOutcome) -> usize {
                 .chain(&study.body_parts)
                 .map(|s| size_of::<String>() + s.capacity())
                 .sum::<usize>()
-            + study.series.iter().map(series).sum::<usize>()
+            + series_weight(&study.series)
     };
-    size_of::<CacheKey>()
-        + key.partner.len()
-        + key.query.len()
-        + key.project.len()
-        + key.decision.len()
-        + size_of::<SearchOutcome>()
-        + outcome.studies.iter().map(study).sum::<usize>()
+    size_of::<SearchOutcome>() + outcome.studies.iter().map(study).sum::<usize>()
 }
 
 #[cfg(test)]
@@ -228,7 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_identical_searches_make_one_call_and_failures_are_not_kept() {
-        let cache = SearchCache::new(CacheConfig::default());
+        let cache = AnswerCache::new(CacheConfig::default());
         let calls = AtomicU32::new(0);
         let key = CacheKey::new(
             "north",
@@ -266,10 +336,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_cache_stays_within_its_byte_bound() {
-        let cache = SearchCache::new(CacheConfig {
+        let cache = AnswerCache::new(CacheConfig {
             ttl_seconds: 60,
             max_bytes: 200_000,
         });
+        // Searches get three quarters of the bound.
         for i in 0..100 {
             let query = StudyQuery {
                 description: Some(format!("q{i}")),
@@ -281,10 +352,10 @@ mod tests {
                 .await;
             assert_eq!(answer.unwrap().studies.len(), 100);
         }
-        if let Some(entries) = &cache.entries {
+        if let Some(entries) = &cache.searches {
             entries.run_pending_tasks().await;
         }
         let held = cache.weighted_bytes();
-        assert!(held > 0 && held <= 200_000, "{held} bytes held");
+        assert!(held > 0 && held <= 150_000, "{held} bytes held");
     }
 }

@@ -28,7 +28,7 @@ use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
-use crate::cache::{CacheKey, SearchCache};
+use crate::cache::{AnswerCache, CacheKey};
 use crate::metrics::METRICS;
 use crate::protection::{Guard, Refusal};
 
@@ -253,11 +253,11 @@ pub struct MergedPage {
 #[derive(Debug, Clone)]
 pub struct Federation {
     partners: Vec<Arc<Partner>>,
-    cache: SearchCache,
+    cache: AnswerCache,
 }
 
 impl Federation {
-    pub fn new(partners: Vec<Partner>, cache: SearchCache) -> Federation {
+    pub fn new(partners: Vec<Partner>, cache: AnswerCache) -> Federation {
         Federation {
             partners: partners.into_iter().map(Arc::new).collect(),
             cache,
@@ -265,7 +265,7 @@ impl Federation {
     }
 
     /// The partners' cached answers.
-    pub fn cache(&self) -> &SearchCache {
+    pub fn cache(&self) -> &AnswerCache {
         &self.cache
     }
 
@@ -435,23 +435,58 @@ impl Federation {
             }
         }
 
-        // Load series for the page, partner by partner, concurrently.
+        // Load series for the page, partner by partner, concurrently; series
+        // cached under the same decision are reused.
         let loaded = join_all(searches.iter().zip(per_partner).map(
             |(search, bucket)| async move {
                 if bucket.is_empty() {
                     return (bucket, None, None);
                 }
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();
-                let failure = guarded(
-                    &search.partner,
-                    "series",
-                    search.deadline,
-                    search.partner.connector.load_series(&mut studies),
-                )
-                .await
-                .err();
+                let key = |study: &Study| {
+                    CacheKey::series(
+                        &search.partner.id,
+                        &study.uid,
+                        &grants.project,
+                        &search.grant.disclosure,
+                    )
+                };
+                let mut missing = Vec::new();
+                for (index, study) in studies.iter_mut().enumerate() {
+                    match self.cache.series(&key(study)).await {
+                        Some(series) => study.set_series(Vec::clone(&series)),
+                        None => missing.push(index),
+                    }
+                }
+                let mut to_load: Vec<Study> = missing
+                    .iter()
+                    .filter_map(|&index| studies.get_mut(index).map(std::mem::take))
+                    .collect();
+                let failure = if to_load.is_empty() {
+                    None
+                } else {
+                    guarded(
+                        &search.partner,
+                        "series",
+                        search.deadline,
+                        search.partner.connector.load_series(&mut to_load),
+                    )
+                    .await
+                    .err()
+                };
                 if let Some(failure) = &failure {
                     log_failure(&search.partner.id, failure, "series");
+                } else {
+                    for study in &to_load {
+                        self.cache
+                            .keep_series(key(study), study.series.clone())
+                            .await;
+                    }
+                }
+                for (index, study) in missing.into_iter().zip(to_load) {
+                    if let Some(slot) = studies.get_mut(index) {
+                        *slot = study;
+                    }
                 }
                 let elapsed = search.started.elapsed();
                 (

@@ -519,9 +519,9 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
         .collect();
     let variables = json!({"project": "demo", "filter": {"partners": ["north"]}});
 
-    // Runs the page query as `who`; returns north's status, the UIDs it
-    // shows and whether north was sent anything for the search phase (the
-    // series of the page are always loaded).
+    // Runs the count, then the page query as `who`; returns north's page
+    // status, its count status, the UIDs the page shows and whether north
+    // was sent anything for the count and for the page.
     let ask = async |who: &str| {
         let before = c.bytes_sent()[0];
         let (code, count) = c
@@ -529,11 +529,12 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
             .post_as(Some(who), COUNT_QUERY, variables.clone())
             .await;
         assert_eq!(code, 200, "{count}");
-        let asked = c.bytes_sent()[0] > before;
+        let between = c.bytes_sent()[0];
         let (_, page) = c
             .gateway
             .post_as(Some(who), PAGE_QUERY, variables.clone())
             .await;
+        let asked = (between > before, c.bytes_sent()[0] > between);
         let statuses = &page["data"]["imagingStudies"]["partners"];
         let uids: BTreeSet<String> = page["data"]["imagingStudies"]["nodes"]
             .as_array()
@@ -546,23 +547,28 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
     };
 
     let (status, count, uids, asked) = ask(&staff).await;
-    assert!(asked, "the first query must ask north");
+    assert_eq!(asked, (true, true), "the first queries must ask north");
     assert_eq!(status["disclosure"], "IDENTIFIED", "{status}");
     assert_eq!(count["cached"], false);
     assert_eq!(status["cached"], true, "the page reuses the count's search");
     assert!(!uids.is_empty() && uids.iter().all(|u| north_original.contains(u.as_str())));
 
     let (_, count, _, asked) = ask(&staff).await;
-    assert!(
-        !asked,
-        "the same principal's same query is answered from the cache"
+    assert_eq!(
+        asked,
+        (false, false),
+        "the same principal's same queries are answered from the cache, series too"
     );
     assert_eq!(count["cached"], true);
 
     // A different decision for the same query: north is asked again and
     // the answer is de-identified.
     let (status, count, pseudonyms, asked) = ask(&researcher).await;
-    assert!(asked, "a cached answer was served across decisions");
+    assert_eq!(
+        asked,
+        (true, true),
+        "a cached answer was served across decisions"
+    );
     assert_eq!(status["disclosure"], "DEIDENTIFIED", "{status}");
     assert_eq!(count["cached"], false);
     assert!(!pseudonyms.is_empty());
@@ -575,7 +581,11 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
 
     // The same decision shares the cached answer, and sees the same pseudonyms.
     let (status, count, uids, asked) = ask(&colleague).await;
-    assert!(!asked, "the same decision should share the cached answer");
+    assert_eq!(
+        asked,
+        (false, false),
+        "the same decision should share the cached answers"
+    );
     assert_eq!(count["cached"], true);
     assert_eq!(status["disclosure"], "DEIDENTIFIED");
     assert_eq!(uids, pseudonyms);
