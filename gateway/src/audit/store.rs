@@ -209,13 +209,9 @@ impl Store {
     ) -> Result<Vec<StoredEntry>, AuditError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(unavailable)?;
-            // A write first: SQLite takes its write lock and PostgreSQL the
-            // head row's lock here, before the head is read.
-            sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            // A write that reads the head: SQLite takes its write lock and
+            // PostgreSQL the head row's lock before the head is read.
+            let head = sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash")
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(unavailable)?;
