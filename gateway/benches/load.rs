@@ -14,8 +14,12 @@
 //!   (the HTTP floor) for 10 s. Printed: queries/s, the ratio to the floor,
 //!   and the gateway's peak RSS (`VmHWM`) against its RSS when idle.
 //!
-//! Every query is audited (SQLite on disk, `synchronous=FULL`), as in
-//! production. Run: `cargo bench -p meshgate-gateway --bench load`
+//! Also printed: a query that asks no partner (N = 0, the floor of token,
+//! GraphQL and audit commit) and the gateway's CPU time per query. Every
+//! query is audited (SQLite on disk, `synchronous=FULL`), as in
+//! production; `max_in_flight` is raised so that the 1,000 clients are not
+//! shed. Run: `cargo bench -p meshgate-gateway --bench load [fan_out |
+//! throughput]`
 
 #![allow(
     clippy::unwrap_used,
