@@ -202,7 +202,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP meshgate_cache_lookups_total Partner searches looked up in the cache, by result.\n# TYPE meshgate_cache_lookups_total counter\nmeshgate_cache_lookups_total{{result=\"hit\"}} {hits}\nmeshgate_cache_lookups_total{{result=\"miss\"}} {misses}"
+            "# HELP meshgate_cache_lookups_total Partner answers (searches, and series of listed studies) looked up in the cache, by result.\n# TYPE meshgate_cache_lookups_total counter\nmeshgate_cache_lookups_total{{result=\"hit\"}} {hits}\nmeshgate_cache_lookups_total{{result=\"miss\"}} {misses}"
         );
         let ratio = if hits + misses == 0 {
             0.0

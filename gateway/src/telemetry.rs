@@ -10,6 +10,7 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::Deserialize;
 use tracing::Level;
@@ -46,7 +47,7 @@ fn default_service_name() -> String {
 
 /// Keeps the trace exporter running; flushes what is buffered when shut
 /// down.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
@@ -57,17 +58,21 @@ impl Telemetry {
         if let Some(provider) = self.provider
             && let Err(error) = provider.shutdown()
         {
-            eprintln!("warning: traces could not all be exported: {error}");
+            // The exporter's own failure text can carry the collector's URL.
+            let reason = match error {
+                OTelSdkError::InternalFailure(_) => "the exporter failed".to_owned(),
+                other => other.to_string(),
+            };
+            eprintln!("warning: traces could not all be exported: {reason}");
         }
     }
 }
 
 /// Installs the process's log and trace subscriber.
 pub fn init(section: &TelemetrySection) -> anyhow::Result<Telemetry> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(filter());
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     let provider = match &section.otlp_traces_endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
