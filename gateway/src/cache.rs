@@ -97,7 +97,7 @@ fn decision(disclosure: &Disclosure) -> String {
     match disclosure {
         Disclosure::Identified => "IDENTIFIED".to_owned(),
         Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
-        Disclosure::CountsOnly => "COUNTS_ONLY".to_owned(),
+        Disclosure::CountsOnly(profile) => format!("COUNTS_ONLY:{}", profile.name()),
         Disclosure::Denied { .. } => "DENIED".to_owned(),
     }
 }
@@ -276,7 +276,10 @@ mod tests {
         let deid = Disclosure::Deidentified(Profile::basic());
         let base = key(&query, "demo", &deid);
         assert_ne!(base, key(&query, "demo", &Disclosure::Identified));
-        assert_ne!(base, key(&query, "demo", &Disclosure::CountsOnly));
+        assert_ne!(
+            base,
+            key(&query, "demo", &Disclosure::CountsOnly(Profile::basic()))
+        );
         let retaining = Profile::parse("basic+retain-device-identity").unwrap();
         assert_ne!(
             base,

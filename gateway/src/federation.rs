@@ -18,6 +18,7 @@ use async_graphql::ID;
 use futures::future::join_all;
 use meshgate_connectors::{Connector, ConnectorError, Fault, SearchOutcome};
 use meshgate_policies::deid::ShiftBasis;
+use meshgate_policies::released::Withheld;
 use meshgate_policies::{
     CellKeys, CountControl, Deidentifier, DisclosedCount, Disclosure, Profile, Total,
 };
@@ -120,7 +121,7 @@ impl Grant {
         match self.disclosure {
             Disclosure::Identified => CountControl::NONE,
             Disclosure::Deidentified(_) => partner.control.threshold_only(),
-            Disclosure::CountsOnly | Disclosure::Denied { .. } => partner.control,
+            Disclosure::CountsOnly(_) | Disclosure::Denied { .. } => partner.control,
         }
     }
 }
@@ -144,6 +145,8 @@ enum Failure {
     Denied(Vec<String>),
     /// Not called: the partner's circuit breaker is open.
     CircuitOpen,
+    /// Not called: the query filters on attributes the partner's view removes.
+    Withheld(Withheld),
 }
 
 /// One partner's answer to the search phase.
@@ -312,52 +315,45 @@ impl Federation {
                 .cloned()
                 .unwrap_or_else(|| Grant::denied("no policy decision was made"));
             let mut cached = false;
-            let result = if let Disclosure::Denied { reasons } = &grant.disclosure {
-                Err(Failure::Denied(reasons.clone()))
-            } else {
-                // Where only pseudonyms leave the partner, the UIDs a caller
-                // names are pseudonyms: the partner is searched without them
-                // and its studies kept by pseudonym, so an original UID
-                // matches nothing and proves nothing.
-                let pseudonymous = grant
-                    .deidentifier
-                    .as_ref()
-                    .filter(|_| !query.study_uids.is_empty());
-                let unnamed;
-                let asked = match pseudonymous {
-                    Some(_) => {
-                        unnamed = StudyQuery {
-                            study_uids: Default::default(),
-                            ..query.clone()
-                        };
-                        &unnamed
-                    }
-                    None => query,
-                };
-                let key = CacheKey::new(&partner.id, asked, &grants.project, &grant.disclosure);
-                let search = guarded(
-                    &partner,
-                    "search",
-                    deadline,
-                    partner.connector.search(asked),
-                );
-                // A caller joining another's search still keeps its own deadline.
-                let answer = timeout_at(deadline, self.cache.get_or_search(key, search))
-                    .await
-                    .unwrap_or((Err(Failure::Timeout), false));
-                cached = answer.1;
-                answer.0.map(|outcome| match pseudonymous {
-                    Some(deid) => Arc::new(SearchOutcome {
-                        studies: outcome
-                            .studies
-                            .iter()
-                            .filter(|study| query.study_uids.contains(&deid.uid(&study.uid)))
-                            .cloned()
-                            .collect(),
-                        truncated: outcome.truncated,
-                    }),
-                    None => outcome,
-                })
+            // Where the partner releases a de-identified view (records or
+            // counts), the query is evaluated on that view: the partner is
+            // asked a widened query and its answer narrowed on released
+            // values, so nothing the caller may not see decides a match.
+            let asked = match (&grant.disclosure, &grant.deidentifier) {
+                (Disclosure::Denied { reasons }, _) => Err(Failure::Denied(reasons.clone())),
+                (_, Some(deid)) => deid.asked(query).map(Some).map_err(Failure::Withheld),
+                (_, None) => Ok(None),
+            };
+            let result = match asked {
+                Err(failure) => Err(failure),
+                Ok(widened) => {
+                    let asked = widened.as_ref().unwrap_or(query);
+                    let key = CacheKey::new(&partner.id, asked, &grants.project, &grant.disclosure);
+                    let search = guarded(
+                        &partner,
+                        "search",
+                        deadline,
+                        partner.connector.search(asked),
+                    );
+                    // A caller joining another's search still keeps its own deadline.
+                    let answer = timeout_at(deadline, self.cache.get_or_search(key, search))
+                        .await
+                        .unwrap_or((Err(Failure::Timeout), false));
+                    cached = answer.1;
+                    let narrowing = grant.deidentifier.as_ref().filter(|d| d.narrows(query));
+                    answer.0.map(|outcome| match narrowing {
+                        Some(deid) => Arc::new(SearchOutcome {
+                            studies: outcome
+                                .studies
+                                .iter()
+                                .filter(|study| deid.released_match(query, study))
+                                .cloned()
+                                .collect(),
+                            truncated: outcome.truncated,
+                        }),
+                        None => outcome,
+                    })
+                }
             };
             if let Err(failure) = &result {
                 log_failure(&partner.id, failure, "search");
@@ -537,7 +533,7 @@ impl Federation {
 fn level(disclosure: &Disclosure) -> DisclosureLevel {
     match disclosure {
         Disclosure::Denied { .. } => DisclosureLevel::Denied,
-        Disclosure::CountsOnly => DisclosureLevel::CountsOnly,
+        Disclosure::CountsOnly(_) => DisclosureLevel::CountsOnly,
         Disclosure::Deidentified(_) => DisclosureLevel::Deidentified,
         Disclosure::Identified => DisclosureLevel::Identified,
     }
@@ -679,6 +675,7 @@ fn outcome_name(outcome: PartnerOutcome) -> &'static str {
         PartnerOutcome::Error => "ERROR",
         PartnerOutcome::Denied => "DENIED",
         PartnerOutcome::CircuitOpen => "CIRCUIT_OPEN",
+        PartnerOutcome::Withheld => "WITHHELD",
     }
 }
 
@@ -708,6 +705,11 @@ fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {
             "POLICY_DENIED".to_owned(),
             "the partner's policies refuse this query; see reasons".to_owned(),
         ),
+        Failure::Withheld(withheld) => (
+            PartnerOutcome::Withheld,
+            Withheld::CODE.to_owned(),
+            withheld.to_string(),
+        ),
     }
 }
 
@@ -720,6 +722,9 @@ fn log_failure(partner: &str, failure: &Failure, phase: &'static str) {
         Failure::Denied(_) => tracing::debug!(partner, "partner not asked: denied by policy"),
         Failure::CircuitOpen => {
             tracing::debug!(partner, phase, "partner not asked: circuit breaker open")
+        }
+        Failure::Withheld(_) => {
+            tracing::debug!(partner, "partner not asked: filter on a removed attribute")
         }
     }
 }

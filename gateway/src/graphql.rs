@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
-use meshgate_policies::{AdminAction, Authorizer, Deidentifier, Disclosure, MasterKey, Profile};
+use meshgate_policies::{AdminAction, Authorizer, Deidentifier, MasterKey};
 use meshgate_schema::api::{
     CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
     PatientSummary, StudyFilter,
@@ -291,15 +291,10 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
             let disclosure = services
                 .authorizer
                 .decide(principal, project, &partner.id, now);
-            let profile = match &disclosure {
-                Disclosure::Deidentified(profile) => Some(profile.clone()),
-                Disclosure::CountsOnly => Some(Profile::basic()),
-                Disclosure::Identified | Disclosure::Denied { .. } => None,
-            };
-            let deidentifier = profile.map(|profile| {
+            let deidentifier = disclosure.view().map(|profile| {
                 Deidentifier::new(
                     services.pseudonym_key.project_key(project),
-                    profile,
+                    profile.clone(),
                     &partner.id,
                 )
             });

@@ -11,7 +11,9 @@
 //! (`SearchDeidentifiedStudies`, under the profile named by the permitting
 //! policies' `@deidentification` annotation — the partner's, else the
 //! consortium's, else the Basic Profile; several are intersected), COUNTS_ONLY
-//! (`CountStudies`), or DENIED with the `@reason` annotations of the forbid
+//! (`CountStudies`, whose counts are computed over the view the permitting
+//! policies' `@deidentification` profile describes, so a count answers only
+//! what that profile's records would show), or DENIED with the `@reason` annotations of the forbid
 //! policies that decided it (`{project}` and `{partner}` are filled in).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -96,8 +98,11 @@ pub struct PolicyError {
 /// What one partner discloses for one query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disclosure {
-    Denied { reasons: Vec<String> },
-    CountsOnly,
+    Denied {
+        reasons: Vec<String>,
+    },
+    /// Counts only, computed over the view this profile releases.
+    CountsOnly(Profile),
     Deidentified(Profile),
     Identified,
 }
@@ -107,7 +112,7 @@ impl Disclosure {
     pub fn name(&self) -> &'static str {
         match self {
             Disclosure::Denied { .. } => "DENIED",
-            Disclosure::CountsOnly => "COUNTS_ONLY",
+            Disclosure::CountsOnly(_) => "COUNTS_ONLY",
             Disclosure::Deidentified(_) => "DEIDENTIFIED",
             Disclosure::Identified => "IDENTIFIED",
         }
@@ -116,6 +121,17 @@ impl Disclosure {
     /// Whether study records (not only counts) may be returned.
     pub fn releases_records(&self) -> bool {
         matches!(self, Disclosure::Deidentified(_) | Disclosure::Identified)
+    }
+
+    /// The profile of the view filters are evaluated on: what a
+    /// de-identifying partner releases, or what a counts-only partner's
+    /// counts are computed over. `None` when the caller sees original
+    /// values (IDENTIFIED) or nothing (DENIED).
+    pub fn view(&self) -> Option<&Profile> {
+        match self {
+            Disclosure::CountsOnly(profile) | Disclosure::Deidentified(profile) => Some(profile),
+            Disclosure::Identified | Disclosure::Denied { .. } => None,
+        }
     }
 }
 
@@ -291,17 +307,20 @@ impl Authorizer {
         if let (Verdict::Allow(_), Verdict::Allow(_)) = both(QueryAction::ReadIdentified) {
             return Disclosure::Identified;
         }
+        let profile = |consortium: &[PolicyId], own: &[PolicyId]| {
+            self.profile_of(partner_policies, own)
+                .or_else(|| self.profile_of(&self.consortium, consortium))
+                .unwrap_or_else(Profile::basic)
+        };
         if let (Verdict::Allow(consortium), Verdict::Allow(own)) =
             both(QueryAction::SearchDeidentified)
         {
-            let profile = self
-                .profile_of(partner_policies, &own)
-                .or_else(|| self.profile_of(&self.consortium, &consortium))
-                .unwrap_or_else(Profile::basic);
-            return Disclosure::Deidentified(profile);
+            return Disclosure::Deidentified(profile(&consortium, &own));
         }
         match both(QueryAction::Count) {
-            (Verdict::Allow(_), Verdict::Allow(_)) => Disclosure::CountsOnly,
+            (Verdict::Allow(consortium), Verdict::Allow(own)) => {
+                Disclosure::CountsOnly(profile(&consortium, &own))
+            }
             (consortium, own) => {
                 let mut reasons = Vec::new();
                 let fill = |text: &str| {

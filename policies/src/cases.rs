@@ -61,7 +61,9 @@ pub struct Case {
     /// `DENIED`, `COUNTS_ONLY`, `DEIDENTIFIED`, `IDENTIFIED` for `query`;
     /// `ALLOW` or `DENY` for administration actions.
     pub expect: String,
-    /// For `DEIDENTIFIED`: the profile's name, e.g. `basic+retain-patient-characteristics`.
+    /// For `DEIDENTIFIED` (and `COUNTS_ONLY`, whose counts are computed over
+    /// that profile's view): the profile's name, e.g.
+    /// `basic+retain-patient-characteristics`.
     #[serde(default)]
     pub profile: Option<String>,
     /// For `DENIED`: text one of the reasons must contain.
@@ -174,7 +176,7 @@ fn check(authorizer: &Authorizer, case: &Case, now: i64) -> Result<(), String> {
             describe(&decision)
         ));
     }
-    if let (Some(expected), Disclosure::Deidentified(profile)) = (&case.profile, &decision)
+    if let (Some(expected), Some(profile)) = (&case.profile, decision.view())
         && profile.name() != *expected
     {
         return Err(format!(
@@ -197,6 +199,7 @@ pub fn describe(decision: &Disclosure) -> String {
     match decision {
         Disclosure::Denied { reasons } => format!("DENIED ({})", reasons.join("; ")),
         Disclosure::Deidentified(profile) => format!("DEIDENTIFIED ({profile})"),
+        Disclosure::CountsOnly(profile) => format!("COUNTS_ONLY (over the {profile} view)"),
         other => other.name().to_owned(),
     }
 }

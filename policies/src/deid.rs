@@ -9,7 +9,9 @@
 //!   accession number and every description are removed.
 //! - Dates and times are removed, unless *Retain Longitudinal Temporal
 //!   Information with Modified Dates* applies: then every date of a patient
-//!   is shifted by the same number of days (intervals are kept).
+//!   is shifted by the same number of days (intervals are kept). Time of
+//!   day is never released: to the second, beside a shifted date, it is a
+//!   key that links a released study back to the original.
 //! - Sex and age are removed, unless *Retain Patient Characteristics*
 //!   applies: then sex and age in whole years are kept, ages of 90 and over
 //!   reported as 90.
@@ -269,8 +271,8 @@ impl Deidentifier {
                 None
             },
             date: shift.and_then(|days| study.date.and_then(|d| d.checked_add(days))),
-            time: if dates { study.time } else { None },
-            timezone_offset: if dates { study.timezone_offset } else { None },
+            time: None,
+            timezone_offset: None,
             accession_number: None,
             description: None,
             modalities: study.modalities.clone(),
@@ -286,21 +288,22 @@ impl Deidentifier {
     }
 
     /// What the de-identified study's order depends on — its pseudonymous
-    /// UID and its (shifted) date and time — without building the rest.
+    /// UID and its (shifted) date; no time of day is released — without
+    /// building the rest.
     pub fn order_fields(&self, study: &Study) -> (String, Option<Date>, Option<Time>) {
-        let uid = self.uid(&study.uid);
-        if !self
-            .profile
+        (self.uid(&study.uid), self.released_date(study), None)
+    }
+
+    /// The study's date as released: shifted, or `None` when dates are removed.
+    pub fn released_date(&self, study: &Study) -> Option<Date> {
+        self.profile
             .has(DeidOption::RetainLongitudinalModifiedDates)
-        {
-            return (uid, None, None);
-        }
-        let shift = self.day_shift(study);
-        (
-            uid,
-            study.date.and_then(|d| d.checked_add(shift)),
-            study.time,
-        )
+            .then(|| {
+                study
+                    .date
+                    .and_then(|d| d.checked_add(self.day_shift(study)))
+            })
+            .flatten()
     }
 
     /// How this study's dates were treated.
@@ -326,7 +329,7 @@ impl Deidentifier {
             body_part: series.body_part.clone(),
             laterality: series.laterality.clone(),
             date: shift.and_then(|days| series.date.and_then(|d| d.checked_add(days))),
-            time: shift.and(series.time),
+            time: None,
             number_of_instances: series.number_of_instances,
             instances: series
                 .instances
@@ -501,7 +504,7 @@ mod tests {
         assert_eq!(second.date.unwrap() - first.date.unwrap(), gap);
         assert_ne!(first.date, Some(date!(2019 - 01 - 10)));
         assert_eq!(first.series[0].date, first.date);
-        assert_eq!(first.time, Some(time!(10:30)));
+        assert_eq!(first.time, None, "no time of day beside a shifted date");
         assert_eq!(
             d.shift_basis(&study("1.1", Some("MRN1"), date!(2019 - 01 - 10))),
             ShiftBasis::Patient

@@ -83,9 +83,23 @@ fn a_partner_that_allows_everything_gets_what_the_consortium_allows_and_no_more(
 
 #[test]
 fn a_partner_narrows_to_counts_only_by_permitting_only_counting() {
+    // The counts are computed over the view the permitting policies name:
+    // the partner's own annotation, else the consortium's.
     assert_eq!(
         decide(r#"permit (principal, action == Meshgate::Action::"CountStudies", resource);"#),
-        Disclosure::CountsOnly
+        Disclosure::CountsOnly(
+            Profile::parse(
+                "basic retain-patient-characteristics retain-longitudinal-modified-dates"
+            )
+            .unwrap()
+        )
+    );
+    assert_eq!(
+        decide(
+            r#"@deidentification("basic")
+            permit (principal, action == Meshgate::Action::"CountStudies", resource);"#
+        ),
+        Disclosure::CountsOnly(Profile::basic())
     );
 }
 

@@ -105,6 +105,10 @@ pub enum PartnerOutcome {
     Denied,
     /// Not asked: it failed repeatedly and its circuit breaker is open.
     CircuitOpen,
+    /// Not asked: the query filters on an attribute this partner's
+    /// de-identification profile removes, so it cannot be evaluated on
+    /// what the partner releases (code `FILTER_ON_REMOVED_ATTRIBUTE`).
+    Withheld,
 }
 
 /// What a partner's policy lets it disclose for a query.

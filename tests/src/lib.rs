@@ -443,7 +443,7 @@ impl Gateway {
             .await
             .unwrap();
         let key = dir.path().join("pseudonym.key");
-        std::fs::write(&key, "test pseudonymisation key material, 32+ bytes").unwrap();
+        std::fs::write(&key, PSEUDONYM_KEY).unwrap();
         let checkpoint_key = dir.path().join("checkpoint-key.pem");
         std::fs::write(
             &checkpoint_key,
@@ -627,6 +627,33 @@ pub fn files_partner(id: &str, dir: &Path) -> String {
 
 fn toml_string(text: &str) -> String {
     serde_json::to_string(text).unwrap()
+}
+
+/// The pseudonymisation key of every test gateway.
+pub const PSEUDONYM_KEY: &str = "test pseudonymisation key material, 32+ bytes";
+
+/// How a partner that de-identifies with shifted dates shows one of its
+/// studies in `project`: its pseudonymous UID and its shifted date.
+pub fn released(project: &str, partner: &str, row: &ManifestRow) -> (String, time::Date) {
+    use meshgate_policies::deid::DeidOption;
+    use meshgate_policies::{Deidentifier, MasterKey, Profile};
+    let deid = Deidentifier::new(
+        MasterKey::new(PSEUDONYM_KEY.as_bytes())
+            .unwrap()
+            .project_key(project),
+        Profile::with([DeidOption::RetainLongitudinalModifiedDates]),
+        partner,
+    );
+    let study = meshgate_schema::Study {
+        uid: row.study_uid.clone(),
+        patient_id: Some(row.patient_id.clone()),
+        date: Some(row.study_date),
+        ..Default::default()
+    };
+    (
+        deid.uid(&row.study_uid),
+        deid.released_date(&study).unwrap(),
+    )
 }
 
 /// Expected answers computed from the synthesiser's manifests.

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshgate_tests::{Cohort, Gateway, GroundTruth, OrthancPartner, Policies};
+use meshgate_tests::{Gateway, GroundTruth, OrthancPartner, Policies, released};
 use serde_json::{Value, json};
 use time::Date;
 
@@ -36,7 +36,7 @@ const COUNT_QUERY: &str = r#"
 query Count($project: String!, $filter: StudyFilter) {
   cohortCount(project: $project, filter: $filter) {
     total totalIsLowerBound
-    partners { partner status disclosure count countDisclosure reasons cached }
+    partners { partner status disclosure count countDisclosure reasons code cached }
   }
 }"#;
 
@@ -316,28 +316,42 @@ fn dates_by_patient(rows: impl Iterator<Item = (String, Date)>) -> BTreeMap<Stri
 async fn small_counts_are_suppressed_and_cannot_be_recovered_by_subtraction_repetition_or_slicing()
 {
     let c = consortium().await;
-    // A cohort with a small (1-9) count at some partner and a disclosed one
-    // elsewhere: studies up to the end of some year.
-    let (filter, small_partner, true_count) = (2005..=2025)
-        .find_map(|year| {
-            let answer = c.truth.answer(&Cohort {
-                to: Some(Date::from_calendar_date(year, time::Month::December, 31).unwrap()),
-                ..Cohort::default()
-            });
-            let count = |p: &str| answer.iter().filter(|(partner, _)| partner == p).count();
-            let small = ["north", "south", "east"]
+    // A cohort with a small count at some partner and a disclosed one
+    // elsewhere: studies up to the end of some year, by the dates the
+    // partners release (shifted; east releases none, so it is not asked).
+    // Small: 1 to 7, which even the largest noise (+2) keeps below 10.
+    let (filter, small_partner, true_count) = (2003..=2025)
+        .flat_map(|year| [true, false].map(|up_to| (year, up_to)))
+        .flat_map(|(year, up_to)| [None, Some("F"), Some("M")].map(|sex| (year, up_to, sex)))
+        .find_map(|(year, up_to, sex)| {
+            let (first, last) = (
+                Date::from_calendar_date(year, time::Month::January, 1).unwrap(),
+                Date::from_calendar_date(year, time::Month::December, 31).unwrap(),
+            );
+            let inside = |d: Date| if up_to { d <= last } else { d >= first };
+            let count = |p: &str| {
+                c.truth
+                    .rows()
+                    .filter(|(partner, row)| {
+                        partner == p
+                            && sex.is_none_or(|s| row.patient_sex == s)
+                            && inside(released("lung-cancer", partner, row).1)
+                    })
+                    .count()
+            };
+            let small = ["north", "south"]
                 .into_iter()
-                .find(|p| (1..10).contains(&count(p)))?;
-            let large = ["north", "south", "east"]
-                .into_iter()
-                .any(|p| count(p) >= 10);
-            large.then(|| {
-                (
-                    json!({"studyDate": {"to": format!("{year}-12-31")}}),
-                    small,
-                    count(small),
-                )
-            })
+                .find(|p| (1..8).contains(&count(p)))?;
+            let large = ["north", "south"].into_iter().any(|p| count(p) >= 12);
+            let mut filter = json!({"studyDate": if up_to {
+                json!({"to": last.to_string()})
+            } else {
+                json!({"from": first.to_string()})
+            }});
+            if let Some(sex) = sex {
+                filter["patientSex"] = json!(if sex == "F" { "FEMALE" } else { "MALE" });
+            }
+            large.then(|| (filter, small, count(small)))
         })
         .expect("the synthetic partners have a small cell");
     let count = |body: Value| body["cohortCount"].clone();
@@ -385,11 +399,15 @@ async fn small_counts_are_suppressed_and_cannot_be_recovered_by_subtraction_repe
     assert_eq!(answer["total"], repeated["total"]);
 
     // Slicing the cohort never shows the small partner's count either.
-    let to = filter["studyDate"]["to"].clone();
+    let slice_with = |key: &str, value: Value| {
+        let mut slice = filter.clone();
+        slice[key] = value;
+        slice
+    };
     for slice in [
-        json!({"studyDate": {"to": to}, "patientSex": "FEMALE"}),
-        json!({"studyDate": {"to": to}, "patientSex": "MALE"}),
-        json!({"studyDate": {"to": to}, "modalities": ["CT", "MR"]}),
+        slice_with("modalities", json!(["CT", "MR"])),
+        slice_with("bodyPart", json!("CHEST")),
+        slice_with("patientAge", json!({"min": 18})),
     ] {
         let slice = count(
             c.gateway
@@ -466,10 +484,13 @@ async fn counts_only_counts_are_the_same_for_the_same_studies_and_do_not_differe
 
     // Nested cohorts ("up to year Y" and "up to year Y - 1") carry their own
     // noise, so their difference recovers the studies of year Y only by chance.
+    // Counted over the dates south's view releases (shifted).
     let truth = |year: i32| {
         c.truth
             .rows()
-            .filter(|(partner, row)| partner == "south" && row.study_date.year() <= year)
+            .filter(|(partner, row)| {
+                partner == "south" && released("lung-cancer", partner, row).1.year() <= year
+            })
             .count() as u64
     };
     let (mut pairs, mut exact) = (0, 0);
@@ -599,5 +620,300 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
     assert!(
         metrics.contains("meshgate_cache_lookups_total{result=\"hit\"} "),
         "{metrics}"
+    );
+}
+
+/// North's count for `filter` in lung-cancer: exact (it releases records),
+/// `None` when suppressed or not given.
+async fn north_count(gateway: &Gateway, filter: Value) -> Option<u64> {
+    let mut filter = filter;
+    filter["partners"] = json!(["north"]);
+    let data = gateway
+        .query(
+            COUNT_QUERY,
+            json!({"project": "lung-cancer", "filter": filter}),
+        )
+        .await;
+    status(&data["cohortCount"]["partners"], "north")["count"].as_u64()
+}
+
+fn day(text: &str) -> Date {
+    Date::parse(
+        &text[..10],
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .unwrap()
+}
+
+/// The smallest date `d` in `lo..=hi` for which `inside(d)` holds, by
+/// bisection (`inside` is assumed monotone, as the attacker assumes it).
+async fn bisect<F: AsyncFn(Date) -> bool>(mut lo: Date, mut hi: Date, inside: F) -> Date {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if inside(mid).await {
+            hi = mid;
+        } else {
+            lo = mid + time::Duration::days(1);
+        }
+    }
+    lo
+}
+
+#[tokio::test]
+async fn date_range_bisection_at_a_deidentifying_partner_recovers_only_the_shifted_dates() {
+    let c = consortium().await;
+    // The attacker lists north's records (pseudonymous UIDs, shifted dates),
+    // then locates each study in time by bisecting date ranges around it,
+    // with eleven "anchor" studies in the set so that north's count (exact,
+    // threshold 10) says whether the target is inside: 12 or 11.
+    let (nodes, _, _) = all_pages(&c.gateway, "lung-cancer", json!({"partners": ["north"]})).await;
+    let mut shown: Vec<(String, Date)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n["studyInstanceUid"].as_str().unwrap().to_owned(),
+                day(n["started"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    shown.sort_by_key(|(_, date)| *date);
+    let early: Vec<String> = shown.iter().take(11).map(|(u, _)| u.clone()).collect();
+    let late: Vec<String> = shown
+        .iter()
+        .rev()
+        .take(11)
+        .map(|(u, _)| u.clone())
+        .collect();
+    // Anchors stay inside every range probed, whichever dates are filtered on.
+    let margin = time::Duration::days(1100);
+    let floor = shown[10].1 + margin;
+    let ceiling = shown[shown.len() - 11].1 - margin;
+    let targets: Vec<(String, Date)> = shown
+        .iter()
+        .filter(|(_, d)| *d > floor && *d < ceiling)
+        .take(8)
+        .cloned()
+        .collect();
+    assert!(targets.len() >= 4, "only {} targets", targets.len());
+    let true_dates: BTreeMap<String, Date> = c
+        .truth
+        .rows()
+        .filter(|(p, _)| p == "north")
+        .map(|(p, row)| (released("lung-cancer", p, row).0, row.study_date))
+        .collect();
+
+    // Bisect where every anchor is inside, by true or shifted dates.
+    let (lo, hi) = (floor, shown[shown.len() - 11].1 - time::Duration::days(1));
+    let mut queries = 0;
+    for (target, shown_date) in &targets {
+        let with = |anchors: &[String]| {
+            let mut uids = anchors.to_vec();
+            uids.push(target.clone());
+            uids
+        };
+        // Up to d: is the target at or before d?
+        let until = bisect(lo, hi, async |d: Date| {
+            let n = north_count(
+                &c.gateway,
+                json!({"studyInstanceUids": with(&early), "studyDate": {"to": d.to_string()}}),
+            )
+            .await;
+            n == Some(12)
+        })
+        .await;
+        // The complement: from d on, is the target outside?
+        let from = bisect(lo, hi, async |d: Date| {
+            let n = north_count(
+                &c.gateway,
+                json!({"studyInstanceUids": with(&late), "studyDate": {"from": (d + time::Duration::days(1)).to_string()}}),
+            )
+            .await;
+            n == Some(11)
+        })
+        .await;
+        // An overlapping window around the inferred day holds it.
+        let window = north_count(
+            &c.gateway,
+            json!({"studyInstanceUids": with(&early), "studyDate": {"from": shown[0].1.to_string(), "to": until.to_string()}}),
+        )
+        .await;
+        queries += 2 * 14 + 1;
+        assert_eq!(until, from, "the range and its complement agree");
+        assert_eq!(window, Some(12));
+        assert_eq!(
+            until, *shown_date,
+            "the attack inferred a date that is not the one released"
+        );
+        assert_ne!(
+            Some(&until),
+            true_dates.get(target),
+            "the attack recovered a true study date"
+        );
+    }
+    println!(
+        "date bisection: {} studies located at their shifted dates only, about {queries} queries",
+        targets.len()
+    );
+}
+
+#[tokio::test]
+async fn age_range_bisection_cannot_split_90_plus() {
+    let c = consortium().await;
+    let (nodes, _, _) = all_pages(&c.gateway, "lung-cancer", json!({"partners": ["north"]})).await;
+    let age_of = |n: &Value| n["patient"]["age"].as_str().unwrap().to_owned();
+    let young: Vec<String> = nodes
+        .iter()
+        .filter(|n| age_of(n) != "90+" && age_of(n).parse::<u16>().unwrap() < 80)
+        .take(11)
+        .map(|n| n["studyInstanceUid"].as_str().unwrap().to_owned())
+        .collect();
+    let old: Vec<String> = nodes
+        .iter()
+        .filter(|n| age_of(n) == "90+")
+        .map(|n| n["studyInstanceUid"].as_str().unwrap().to_owned())
+        .collect();
+    let true_ages: BTreeMap<String, u16> = c
+        .truth
+        .rows()
+        .filter(|(p, _)| p == "north")
+        .map(|(p, row)| (released("lung-cancer", p, row).0, row.patient_age))
+        .collect();
+    assert!(
+        old.iter().any(|u| true_ages[u] > 90),
+        "the synthetic north has a patient older than 90"
+    );
+    // For every upper bound from 90 to 105, each 90+ study is inside or
+    // outside together with all the others: nothing splits the bucket.
+    for target in &old {
+        let mut inside = BTreeSet::new();
+        for max in 88..=105 {
+            let mut uids = young.clone();
+            uids.push(target.clone());
+            let n = north_count(
+                &c.gateway,
+                json!({"studyInstanceUids": uids, "patientAge": {"min": 0, "max": max}}),
+            )
+            .await;
+            assert!(matches!(n, Some(11 | 12)), "{n:?}");
+            inside.insert((max, n == Some(12)));
+        }
+        let answers: BTreeSet<bool> = inside
+            .iter()
+            .filter(|(max, _)| *max >= 90)
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(
+            answers,
+            BTreeSet::from([true]),
+            "an age range split 90+ (true age {})",
+            true_ages[target]
+        );
+        assert!(inside.contains(&(89, false)));
+    }
+}
+
+#[tokio::test]
+async fn a_description_filter_at_a_partner_that_removes_descriptions_releases_nothing_from_them() {
+    let c = consortium().await;
+    // Basic Profile (east) and north's profile both remove descriptions: the
+    // partners are not asked, and their answers are the same whatever the
+    // words, so nothing depends on the removed text.
+    let before = c.bytes_sent();
+    let mut answers = Vec::new();
+    for word in ["chest", "zzz-nothing-matches", "ct"] {
+        let (nodes, statuses, _) =
+            all_pages(&c.gateway, "lung-cancer", json!({"description": word})).await;
+        assert!(nodes.is_empty(), "{} records released", nodes.len());
+        let count = c
+            .gateway
+            .query(
+                COUNT_QUERY,
+                json!({"project": "lung-cancer", "filter": {"description": word}}),
+            )
+            .await;
+        let mut seen = Vec::new();
+        for partner in ["north", "south", "east"] {
+            for s in [
+                status(&statuses, partner),
+                status(&count["cohortCount"]["partners"], partner),
+            ] {
+                assert_eq!(s["status"], "WITHHELD", "{s}");
+                assert_eq!(s["count"], Value::Null);
+                seen.push((partner, s["code"].clone(), s["countDisclosure"].clone()));
+            }
+        }
+        assert!(
+            seen.iter()
+                .all(|(_, code, _)| code == "FILTER_ON_REMOVED_ATTRIBUTE")
+        );
+        answers.push(seen);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        before,
+        c.bytes_sent(),
+        "a partner was asked about descriptions"
+    );
+}
+
+#[tokio::test]
+async fn threshold_bisection_at_a_counts_only_partner_recovers_no_study_date() {
+    let c = consortium().await;
+    // The attack that recovered suppressed cells: for a start date s, find
+    // the first end t at which south's count for [s, t] is shown rather than
+    // suppressed. With suppression decided on the true count over true
+    // dates, t is exactly the date of the 10th study from s. The attacker
+    // probes every date any south study has, true or shifted.
+    let rows: Vec<(Date, Date)> = c
+        .truth
+        .rows()
+        .filter(|(p, _)| p == "south")
+        .map(|(p, row)| (row.study_date, released("lung-cancer", p, row).1))
+        .collect();
+    let mut true_dates: Vec<Date> = rows.iter().map(|(t, _)| *t).collect();
+    true_dates.sort();
+    let mut grid: Vec<Date> = rows.iter().flat_map(|(t, s)| [*t, *s]).collect();
+    grid.sort();
+    grid.dedup();
+    let shown = async |from: Date, to: Date| {
+        let data = c
+            .gateway
+            .query(
+                COUNT_QUERY,
+                json!({"project": "lung-cancer", "filter": {"partners": ["south"],
+                       "studyDate": {"from": from.to_string(), "to": to.to_string()}}}),
+            )
+            .await;
+        status(&data["cohortCount"]["partners"], "south")["count"].is_u64()
+    };
+    let (mut attempts, mut recovered, mut queries) = (0, 0, 0);
+    for start in true_dates.iter().step_by(3) {
+        // The 10th study from `start` by true date, which the attack is after.
+        let Some(tenth) = true_dates.iter().filter(|d| *d >= start).nth(9) else {
+            continue;
+        };
+        let candidates: Vec<Date> = grid.iter().copied().filter(|d| d >= start).collect();
+        let (mut lo, mut hi) = (0, candidates.len() - 1);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            queries += 1;
+            if shown(*start, candidates[mid]).await {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        attempts += 1;
+        recovered += usize::from(candidates[lo] == *tenth);
+    }
+    println!(
+        "threshold bisection at south: {recovered} of {attempts} attempts found the 10th study's true date, {queries} queries"
+    );
+    assert!(attempts >= 8, "only {attempts} attempts");
+    // A guess from the probe grid lands on a true date about half the time;
+    // on the 10th study's date only by chance.
+    assert!(
+        recovered * 5 <= attempts,
+        "{recovered} of {attempts} true dates recovered"
     );
 }
