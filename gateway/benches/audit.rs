@@ -121,7 +121,7 @@ async fn router(data: &Path, audit_dir: &Path, issuer: &DevIssuer) -> axum::Rout
     )
     .unwrap();
     let mut text = format!(
-        "[auth]\n[[auth.issuers]]\nissuer = \"{}\"\naudiences = [\"meshgate\"]\njwks_url = \"{}\"\n\n\
+        "[auth]\n[[auth.issuers]]\nissuer = \"{}\"\naudiences = [\"meshgate\"]\njwks_url = \"{}\"\ntrusted_for = {{ institutions = [\"*\"], roles = [\"*\"], projects = [\"*\"], permissions = [\"*\"] }}\n\n\
          [policies]\nconsortium = [\"{allow}\"]\n\n[deidentification]\nkey = \"${{file:{key}}}\"\n\n\
          [audit]\nstore = \"sqlite:{db}\"\ncheckpoint_key = \"${{file:{pem}}}\"\n\n\
          [[projects]]\nid = \"p1\"\ntitle = \"P\"\npurposes = [\"DUO:0000042\"]\n",

@@ -131,6 +131,7 @@ impl Gateway {
 issuer = "{issuer}"
 audiences = ["meshgate"]
 jwks_url = "{jwks}"
+trusted_for = {{ institutions = ["*"], roles = ["*"], projects = ["*"], permissions = ["*"] }}
 
 [policies]
 consortium = ["allow.cedar"]

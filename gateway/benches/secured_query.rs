@@ -61,7 +61,7 @@ async fn gateway(
     )
     .unwrap();
     let mut text = format!(
-        "[auth]\n[[auth.issuers]]\nissuer = \"{}\"\naudiences = [\"meshgate\"]\njwks_url = \"{}\"\n\n\
+        "[auth]\n[[auth.issuers]]\nissuer = \"{}\"\naudiences = [\"meshgate\"]\njwks_url = \"{}\"\ntrusted_for = {{ institutions = [\"*\"], roles = [\"*\"], projects = [\"*\"], permissions = [\"*\"] }}\n\n\
          [policies]\nconsortium = [\"consortium.cedar\"]\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n\
          [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = \"${{file:{}}}\"\n\n\
          [[projects]]\nid = \"lung-cancer\"\ntitle = \"Lung\"\npurposes = [\"DUO:0000006\"]\nethics_approved = true\n",

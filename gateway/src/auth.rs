@@ -66,6 +66,48 @@ impl Default for ClaimNames {
     }
 }
 
+/// The values of one kind an issuer may assert.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Allowed {
+    /// Any value (`"*"`).
+    Any,
+    /// Only these; none when empty.
+    #[default]
+    None,
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl Allowed {
+    pub fn from(values: &[String]) -> Allowed {
+        if values.iter().any(|v| v == "*") {
+            Allowed::Any
+        } else if values.is_empty() {
+            Allowed::None
+        } else {
+            Allowed::Only(values.iter().cloned().collect())
+        }
+    }
+
+    pub fn allows(&self, value: &str) -> bool {
+        match self {
+            Allowed::Any => true,
+            Allowed::None => false,
+            Allowed::Only(values) => values.contains(value),
+        }
+    }
+}
+
+/// What an issuer is believed about. A claim outside it is dropped (the
+/// token still proves its subject): a token from an issuer trusted for one
+/// institution that claims another gets what no institution would get.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Trust {
+    pub institutions: Allowed,
+    pub roles: Allowed,
+    pub projects: Allowed,
+    pub permissions: Allowed,
+}
+
 /// One trusted issuer.
 #[derive(Debug, Clone)]
 pub struct IssuerSettings {
@@ -77,6 +119,8 @@ pub struct IssuerSettings {
     pub leeway: Duration,
     pub require_nbf: bool,
     pub claims: ClaimNames,
+    /// What its tokens may assert.
+    pub trust: Trust,
     /// Least time between two JWKS fetches.
     pub refresh_interval: Duration,
     /// Keys older than this are fetched again before use.
@@ -385,13 +429,16 @@ fn principal(settings: &IssuerSettings, claims: &Value) -> Result<Principal, Aut
         _ => return Err(AuthError::MissingClaim("sub".into())),
     };
     let names = &settings.claims;
+    let trust = &settings.trust;
     let mut roles: Vec<Role> = strings(claim(claims, &names.roles))
         .iter()
+        .filter(|r| trust.roles.allows(r))
         .filter_map(|r| Role::from_name(r))
         .collect();
     roles.sort();
     roles.dedup();
-    let sorted = |mut values: Vec<String>| {
+    let believed = |values: Vec<String>, allowed: &Allowed| {
+        let mut values: Vec<String> = values.into_iter().filter(|v| allowed.allows(v)).collect();
         values.sort();
         values.dedup();
         values
@@ -401,11 +448,14 @@ fn principal(settings: &IssuerSettings, claims: &Value) -> Result<Principal, Aut
         subject,
         institution: claim(claims, &names.institution)
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
+            .filter(|s| !s.is_empty() && trust.institutions.allows(s))
             .map(str::to_owned),
         roles,
-        projects: sorted(strings(claim(claims, &names.projects))),
-        permissions: sorted(strings(claim(claims, &names.permissions))),
+        projects: believed(strings(claim(claims, &names.projects)), &trust.projects),
+        permissions: believed(
+            strings(claim(claims, &names.permissions)),
+            &trust.permissions,
+        ),
     })
 }
 

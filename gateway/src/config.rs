@@ -17,11 +17,14 @@ use meshgate_connectors::dicomweb::Profile;
 use meshgate_policies::{
     Authorizer, CountControl, MasterKey, PartnerFacts, PolicyConfig, PolicyFile, ProjectFacts,
 };
+use meshgate_schema::Role;
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::audit::{AuditSettings, StoreLocation};
-use crate::auth::{ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings};
+use crate::auth::{
+    Allowed, ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings, Trust,
+};
 use crate::cache::CacheConfig;
 use crate::limits::QueryLimits;
 use crate::protection::ProtectionConfig;
@@ -90,6 +93,11 @@ pub struct IssuerConfig {
     pub require_nbf: bool,
     #[serde(default)]
     pub claims: ClaimsConfig,
+    /// What this issuer is believed about: the institutions, roles,
+    /// projects and data-use permissions its tokens may assert. Required:
+    /// a claim outside these lists is dropped, so an issuer trusted for one
+    /// institution cannot speak for another.
+    pub trusted_for: TrustConfig,
     /// Least seconds between two JWKS fetches (unknown `kid`s trigger one).
     #[serde(default = "default_jwks_refresh")]
     pub jwks_refresh_interval_seconds: u64,
@@ -109,6 +117,17 @@ fn default_jwks_refresh() -> u64 {
 }
 fn default_jwks_max_age() -> u64 {
     600
+}
+
+/// `trusted_for`: the values an issuer may assert, each list exact values
+/// or `"*"` for any. Empty (the default of each): nothing of that kind.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    pub institutions: Vec<String>,
+    pub roles: Vec<String>,
+    pub projects: Vec<String>,
+    pub permissions: Vec<String>,
 }
 
 /// Which claims carry the principal's attributes (dotted paths allowed).
@@ -917,6 +936,17 @@ fn issuers(
             if algorithms.is_empty() {
                 return Err(located(at("algorithms"), "give at least one algorithm".into()));
             }
+            let trust = &issuer.trusted_for;
+            if let Some(role) = trust
+                .roles
+                .iter()
+                .find(|r| *r != "*" && Role::from_name(r).is_none())
+            {
+                return Err(located(
+                    at("trusted_for"),
+                    format!("unknown role '{role}' in trusted_for.roles: use researcher, partner_admin, governance or \"*\""),
+                ));
+            }
             Ok(IssuerSettings {
                 issuer: issuer.issuer.clone(),
                 audiences: issuer.audiences.clone(),
@@ -932,6 +962,12 @@ fn issuers(
                     roles: issuer.claims.roles.clone(),
                     projects: issuer.claims.projects.clone(),
                     permissions: issuer.claims.permissions.clone(),
+                },
+                trust: Trust {
+                    institutions: Allowed::from(&trust.institutions),
+                    roles: Allowed::from(&trust.roles),
+                    projects: Allowed::from(&trust.projects),
+                    permissions: Allowed::from(&trust.permissions),
                 },
                 refresh_interval: Duration::from_secs(issuer.jwks_refresh_interval_seconds),
                 max_key_age: Duration::from_secs(issuer.jwks_max_age_seconds.max(1)),
@@ -1183,6 +1219,7 @@ auth = { kind = "basic", username = "meshgate", password = "${env:SOUTH_PASSWORD
 issuer = "https://login.example.org/consortium"
 audiences = ["meshgate"]
 jwks_url = "https://login.example.org/consortium/jwks"
+trusted_for = { institutions = ["north-hospital", "south-clinic"], roles = ["*"], projects = ["*"] }
 
 [policies]
 consortium = []
@@ -1306,7 +1343,7 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
         let cases = [
             (
                 GOOD.replace(
-                    "[[auth.issuers]]\nissuer = \"https://login.example.org/consortium\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/consortium/jwks\"",
+                    "[[auth.issuers]]\nissuer = \"https://login.example.org/consortium\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/consortium/jwks\"\ntrusted_for = { institutions = [\"north-hospital\", \"south-clinic\"], roles = [\"*\"], projects = [\"*\"] }",
                     "issuers = []",
                 ),
                 None,
@@ -1327,8 +1364,21 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
             ),
             (
                 GOOD.replace("purposes = [\"DUO:0000006\"]", "purposes = [\"HMB\"]"),
-                Some(39),
+                Some(40),
                 "DUO code",
+            ),
+            (
+                GOOD.replace("roles = [\"*\"], projects", "roles = [\"admin\"], projects"),
+                Some(29),
+                "unknown role 'admin'",
+            ),
+            (
+                GOOD.replace(
+                    "trusted_for = { institutions = [\"north-hospital\", \"south-clinic\"], roles = [\"*\"], projects = [\"*\"] }\n",
+                    "",
+                ),
+                Some(25),
+                "trusted_for",
             ),
             (
                 GOOD.replace("DUO:0000006\", modifiers", "health\", modifiers"),
@@ -1429,11 +1479,11 @@ connector = { kind = "aws", region = "us-east-1", datastore_id = "abc" }
 
         let slash = clouds.replace("dataset = \"imaging\"", "dataset = \"imaging/../x\"");
         let error = load(&slash, &env).unwrap_err();
-        assert_eq!(error.line, Some(54), "{error}");
+        assert_eq!(error.line, Some(55), "{error}");
         assert!(error.message.contains("dataset"), "{error}");
         let literal = clouds.replace("${env:AZURE_SECRET}", "s3cret");
         let error = load(&literal, &env).unwrap_err();
-        assert_eq!(error.line, Some(68), "{error}");
+        assert_eq!(error.line, Some(69), "{error}");
         assert!(!error.to_string().contains("s3cret"), "{error}");
     }
 

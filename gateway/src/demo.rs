@@ -177,7 +177,9 @@ pub fn prepare(
     let mut toml = format!(
         "# Written by `meshgate demo`. DEVELOPMENT ONLY: tokens come from a local issuer.\n\
          listen = \"{listen}\"\n\n\
-         [auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"{DEV_AUDIENCE}\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
+         [auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"{DEV_AUDIENCE}\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\
+         # What this issuer's tokens may assert; any other claim is dropped.\n\
+         trusted_for = {{ institutions = [{institutions}], roles = [\"*\"], projects = [\"*\"], permissions = [\"north:identified-access\"] }}\n\n\
          [policies]\nconsortium = [\"policies/consortium\"]\n\n\
          [deidentification]\nkey = {key}\n\n\
          [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_file = \"audit-checkpoints.jsonl\"\n\n\
@@ -186,6 +188,13 @@ pub fn prepare(
         jwks = quoted(issuer.jwks_url.clone()),
         key = quoted(format!("${{file:{}}}", key_file.display())),
         checkpoint_key = quoted(format!("${{file:{}}}", checkpoint_key.display())),
+        institutions = DEMO_PARTNERS
+            .iter()
+            .map(|p| p.institution)
+            .chain(["westfield-university", "consortium-office"])
+            .map(|i| quoted(i.to_owned()))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     for (id, title, purpose) in DEMO_PROJECTS {
         let _ = write!(

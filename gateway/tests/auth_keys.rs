@@ -11,7 +11,8 @@ use axum::Router;
 use axum::routing::get;
 use jsonwebtoken::jwk::JwkSet;
 use meshgate_gateway::auth::{
-    AuthError, Authenticator, ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings,
+    Allowed, AuthError, Authenticator, ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES,
+    IssuerSettings, Trust,
 };
 use meshgate_gateway::dev_issuer::DevIssuer;
 use serde_json::{Value, json};
@@ -72,6 +73,12 @@ async fn a_rotated_key_is_fetched_on_first_sight_and_a_dropped_key_stops_working
         claims: ClaimNames {
             roles: "realm.roles".into(),
             ..ClaimNames::default()
+        },
+        trust: Trust {
+            institutions: Allowed::Any,
+            roles: Allowed::Any,
+            projects: Allowed::Any,
+            permissions: Allowed::Any,
         },
         refresh_interval: Duration::ZERO,
         max_key_age: Duration::from_secs(600),

@@ -56,7 +56,7 @@ fn valid_config(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(
         &file,
         format!(
-            "[auth]\n[[auth.issuers]]\nissuer = \"https://login.example.org\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/jwks\"\n\n[policies]\nconsortium = []\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n[audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = \"${{file:{}}}\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ninstitution = \"north\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = \"/data\" }}\n",
+            "[auth]\n[[auth.issuers]]\nissuer = \"https://login.example.org\"\naudiences = [\"meshgate\"]\njwks_url = \"https://login.example.org/jwks\"\ntrusted_for = {{ institutions = [\"*\"], roles = [\"*\"], projects = [\"*\"], permissions = [\"*\"] }}\n\n[policies]\nconsortium = []\n\n[deidentification]\nkey = \"${{file:{}}}\"\n\n[audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = \"${{file:{}}}\"\n\n[[partners]]\nid = \"north\"\nname = \"North\"\ninstitution = \"north\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = \"/data\" }}\n",
             key.display(),
             checkpoint_key.display()
         ),

@@ -76,6 +76,7 @@ async fn app_with(extra: &str) -> App {
 issuer = "{issuer}"
 audiences = ["meshgate"]
 jwks_url = "{jwks}"
+trusted_for = {{ institutions = ["*"], roles = ["*"], projects = ["*"], permissions = ["*"] }}
 
 [policies]
 consortium = ["allow.cedar"]

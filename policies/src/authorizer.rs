@@ -508,6 +508,10 @@ fn user_entity(principal: &Principal) -> Result<Entity, String> {
             ),
         ),
         ("permissions".to_owned(), strings(&principal.permissions)),
+        (
+            "issuer".to_owned(),
+            RestrictedExpression::new_string(principal.issuer.clone()),
+        ),
     ]);
     let mut parents = HashSet::new();
     if let Some(institution) = &principal.institution {

@@ -409,12 +409,18 @@ pub enum Policies {
 /// The project the ground-truth policies serve.
 pub const GROUND_TRUTH_PROJECT: &str = "ground-truth";
 
+/// The one institution [`Gateway::partner_issuer`] is trusted for.
+pub const PARTNER_ISSUER_INSTITUTION: &str = "eastbrook-imaging-institute";
+
 /// A running gateway with its own development token issuer (a real JWKS
 /// over HTTP), stopped when dropped.
 #[derive(Debug)]
 pub struct Gateway {
     pub url: String,
     pub issuer: DevIssuer,
+    /// A second trusted issuer, a partner's own: trusted only for
+    /// researchers of [`PARTNER_ISSUER_INSTITUTION`], in any project.
+    pub partner_issuer: DevIssuer,
     /// A researcher approved for the ground-truth and example projects.
     pub token: String,
     client: reqwest::Client,
@@ -440,6 +446,9 @@ impl Gateway {
     pub async fn start_with(partners_toml: &str, policies: Policies) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let partner_issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let key = dir.path().join("pseudonym.key");
@@ -516,11 +525,15 @@ impl Gateway {
             ),
         };
         let text = format!(
-            "listen = \"127.0.0.1:0\"\n\n[auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"meshgate\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\n\n\
+            "listen = \"127.0.0.1:0\"\n\n[auth]\n[[auth.issuers]]\nissuer = {issuer}\naudiences = [\"meshgate\"]\njwks_url = {jwks}\nalgorithms = [\"EdDSA\"]\ntrusted_for = {{ institutions = [\"*\"], roles = [\"*\"], projects = [\"*\"], permissions = [\"*\"] }}\n\n\
+             [[auth.issuers]]\nissuer = {partner_issuer}\naudiences = [\"meshgate\"]\njwks_url = {partner_jwks}\nalgorithms = [\"EdDSA\"]\n\
+             trusted_for = {{ institutions = [\"{PARTNER_ISSUER_INSTITUTION}\"], roles = [\"researcher\"], projects = [\"*\"] }}\n\n\
              [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n\
              [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n{projects}\n{partners}",
             issuer = toml_string(issuer.issuer()),
             jwks = toml_string(&issuer.jwks_url()),
+            partner_issuer = toml_string(partner_issuer.issuer()),
+            partner_jwks = toml_string(&partner_issuer.jwks_url()),
             consortium = toml_string(&consortium),
             key = toml_string(&format!("${{file:{}}}", key.display())),
             checkpoint_key = toml_string(&format!("${{file:{}}}", checkpoint_key.display())),
@@ -554,6 +567,7 @@ impl Gateway {
         Gateway {
             url,
             issuer,
+            partner_issuer,
             token,
             client: reqwest::Client::new(),
             config_file,

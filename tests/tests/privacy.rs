@@ -917,3 +917,69 @@ async fn threshold_bisection_at_a_counts_only_partner_recovers_no_study_date() {
         "{recovered} of {attempts} true dates recovered"
     );
 }
+
+#[tokio::test]
+async fn a_token_from_another_trusted_issuer_claiming_norths_staff_gets_no_more_than_an_unknown_institution()
+ {
+    let c = consortium().await;
+    let me = "{ me { issuer institution roles projects permissions } }";
+    let claims = |institution: &str| {
+        json!({"sub": "claimant", "institution": institution, "roles": ["researcher", "governance"],
+               "projects": ["demo"], "permissions": ["north:identified-access"]})
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    // The consortium's issuer is trusted for north's staff; a partner's
+    // issuer, trusted only for its own researchers, is not.
+    let genuine = c
+        .gateway
+        .issuer
+        .token(&claims("northfield-university-hospital"), hour);
+    let forged = c
+        .gateway
+        .partner_issuer
+        .token(&claims("northfield-university-hospital"), hour);
+    let unknown = c
+        .gateway
+        .partner_issuer
+        .token(&claims("no-such-institution"), hour);
+
+    let variables = json!({"project": "demo", "filter": {"partners": ["north"]}});
+    let mut answers = Vec::new();
+    for token in [&genuine, &forged, &unknown] {
+        let (code, page) = c
+            .gateway
+            .post_as(Some(token), PAGE_QUERY, variables.clone())
+            .await;
+        assert_eq!(code, 200, "{page}");
+        let (_, who) = c.gateway.post_as(Some(token), me, json!({})).await;
+        let north = status(&page["data"]["imagingStudies"]["partners"], "north").clone();
+        answers.push((north["disclosure"].clone(), who["data"]["me"].clone()));
+    }
+    assert_eq!(answers[0].0, "IDENTIFIED", "the genuine staff token");
+    assert_eq!(
+        answers[1].0, answers[2].0,
+        "the forged claim must get what an unknown institution gets"
+    );
+    assert_eq!(answers[1].0, "DEIDENTIFIED");
+    let forged_me = &answers[1].1;
+    assert_eq!(forged_me["issuer"], c.gateway.partner_issuer.issuer());
+    assert_eq!(forged_me["institution"], Value::Null);
+    assert_eq!(
+        forged_me["roles"],
+        json!(["RESEARCHER"]),
+        "governance dropped"
+    );
+    assert_eq!(forged_me["permissions"], json!([]));
+    assert_eq!(forged_me["projects"], json!(["demo"]));
+
+    // The same issuer's token for the institution it is trusted for keeps it.
+    let own = c
+        .gateway
+        .partner_issuer
+        .token(&claims(meshgate_tests::PARTNER_ISSUER_INSTITUTION), hour);
+    let (_, who) = c.gateway.post_as(Some(&own), me, json!({})).await;
+    assert_eq!(
+        who["data"]["me"]["institution"],
+        meshgate_tests::PARTNER_ISSUER_INSTITUTION
+    );
+}

@@ -113,6 +113,7 @@ impl Setup {
 issuer = "{issuer}"
 audiences = ["meshgate"]
 jwks_url = "{jwks}"
+trusted_for = {{ institutions = ["*"], roles = ["*"], projects = ["*"], permissions = ["*"] }}
 
 [policies]
 consortium = ["{allow}"]
