@@ -2,11 +2,12 @@
 //! series of the studies a page listed.
 //!
 //! An entry is keyed by everything that decides what may be made of it:
-//! the partner, the normalised query as the partner was asked it (or the
-//! study), the project, and the policy decision with its de-identification
-//! profile. A principal whose decision differs has a different key, so a
-//! cached answer is never served across decisions, even though disclosure
-//! rules are applied after the cache either way.
+//! the caller, the partner, the normalised query as the partner was asked
+//! it (or the study), the project, and the policy decision with its
+//! de-identification profile. Entries are the caller's own: whether an
+//! answer was cached (which the partner status says, and its latency
+//! shows) must not tell one researcher what another asked a minute ago, so
+//! no answer is shared between callers, and none across decisions.
 //!
 //! The cache is bounded in bytes (entries are weighed by an estimate of
 //! what they hold; series get a quarter) and by age. Concurrent identical
@@ -47,6 +48,8 @@ impl Default for CacheConfig {
 /// What a cached answer is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
+    /// The caller: issuer and subject.
+    caller: String,
     partner: String,
     /// For a search: the normalised query as canonical JSON, without the
     /// partner list (which only chooses whom to ask). For series: the
@@ -60,6 +63,7 @@ pub struct CacheKey {
 impl CacheKey {
     /// The key of a search.
     pub fn new(
+        caller: &str,
         partner: &str,
         query: &StudyQuery,
         project: &str,
@@ -70,6 +74,7 @@ impl CacheKey {
             ..query.clone()
         };
         CacheKey {
+            caller: caller.to_owned(),
             partner: partner.to_owned(),
             asked: serde_json::to_string(&query).unwrap_or_default(),
             project: project.to_owned(),
@@ -79,12 +84,14 @@ impl CacheKey {
 
     /// The key of a study's series.
     pub fn series(
+        caller: &str,
         partner: &str,
         study_uid: &str,
         project: &str,
         disclosure: &Disclosure,
     ) -> CacheKey {
         CacheKey {
+            caller: caller.to_owned(),
             partner: partner.to_owned(),
             asked: study_uid.to_owned(),
             project: project.to_owned(),
@@ -93,7 +100,8 @@ impl CacheKey {
     }
 }
 
-fn decision(disclosure: &Disclosure) -> String {
+/// A decision as keys name it: the disclosure and its profile.
+pub(crate) fn decision(disclosure: &Disclosure) -> String {
     match disclosure {
         Disclosure::Identified => "IDENTIFIED".to_owned(),
         Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
@@ -268,10 +276,11 @@ mod tests {
     }
 
     #[test]
-    fn decisions_profiles_projects_and_queries_make_different_keys_but_partner_lists_do_not() {
+    fn callers_decisions_profiles_projects_and_queries_make_different_keys_but_partner_lists_do_not()
+     {
         let query = StudyQuery::default();
         let key = |query: &StudyQuery, project, disclosure: &Disclosure| {
-            CacheKey::new("north", query, project, disclosure)
+            CacheKey::new("alice", "north", query, project, disclosure)
         };
         let deid = Disclosure::Deidentified(Profile::basic());
         let base = key(&query, "demo", &deid);
@@ -286,7 +295,8 @@ mod tests {
             key(&query, "demo", &Disclosure::Deidentified(retaining))
         );
         assert_ne!(base, key(&query, "lung-cancer", &deid));
-        assert_ne!(base, CacheKey::new("south", &query, "demo", &deid));
+        assert_ne!(base, CacheKey::new("alice", "south", &query, "demo", &deid));
+        assert_ne!(base, CacheKey::new("bob", "north", &query, "demo", &deid));
         let described = StudyQuery {
             description: Some("chest".into()),
             ..StudyQuery::default()
@@ -304,6 +314,7 @@ mod tests {
         let cache = AnswerCache::new(CacheConfig::default());
         let calls = AtomicU32::new(0);
         let key = CacheKey::new(
+            "alice",
             "north",
             &StudyQuery::default(),
             "demo",
@@ -349,7 +360,7 @@ mod tests {
                 description: Some(format!("q{i}")),
                 ..StudyQuery::default()
             };
-            let key = CacheKey::new("north", &query, "demo", &Disclosure::Identified);
+            let key = CacheKey::new("alice", "north", &query, "demo", &Disclosure::Identified);
             let (answer, _) = cache
                 .get_or_search(key, async { Ok::<_, ()>(outcome(100)) })
                 .await;

@@ -135,6 +135,8 @@ pub struct Grants {
     pub cell_keys: CellKeys,
     /// The research project the query serves.
     pub project: String,
+    /// Who asks (issuer and subject): cached answers are the caller's own.
+    pub caller: String,
 }
 
 /// Why a partner did not answer.
@@ -328,7 +330,13 @@ impl Federation {
                 Err(failure) => Err(failure),
                 Ok(widened) => {
                     let asked = widened.as_ref().unwrap_or(query);
-                    let key = CacheKey::new(&partner.id, asked, &grants.project, &grant.disclosure);
+                    let key = CacheKey::new(
+                        &grants.caller,
+                        &partner.id,
+                        asked,
+                        &grants.project,
+                        &grant.disclosure,
+                    );
                     let search = guarded(
                         &partner,
                         "search",
@@ -441,6 +449,7 @@ impl Federation {
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();
                 let key = |study: &Study| {
                     CacheKey::series(
+                        &grants.caller,
                         &search.partner.id,
                         &study.uid,
                         &grants.project,

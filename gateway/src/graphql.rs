@@ -17,8 +17,9 @@ use meshgate_schema::{Principal, QueryError, StudyQuery};
 
 use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
 use crate::audit::{AuditLog, Scope, Selection};
+use crate::cache::decision;
 use crate::config::ServerProfile;
-use crate::cursor::{self, CursorError};
+use crate::cursor::{self, Binding, CursorError};
 use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
 use crate::request::{AuditedAccess, AuditedPartner, RequestContext};
 
@@ -311,6 +312,7 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
         partners,
         cell_keys: services.pseudonym_key.cell_keys(),
         project: project.to_owned(),
+        caller: format!("{}\n{}", principal.issuer, principal.subject),
     }
 }
 
@@ -392,12 +394,24 @@ impl QueryRoot {
             return Err(ApiError::InvalidPageSize(first));
         }
         let fingerprint = query.fingerprint();
-        let after = after
-            .map(|c| cursor::decode(&c, &fingerprint))
-            .transpose()?;
         let first = usize::try_from(first).map_err(|_| ApiError::InvalidPageSize(first))?;
-
         let grants = grants(services, principal, &project, &query);
+        let binding = Binding::new(
+            &principal.issuer,
+            &principal.subject,
+            &project,
+            &fingerprint,
+            grants
+                .partners
+                .iter()
+                .map(|(id, grant)| (id.clone(), decision(&grant.disclosure)))
+                .collect(),
+        );
+        let key = &services.pseudonym_key;
+        let after = after
+            .map(|c| cursor::decode(key, &binding, &c))
+            .transpose()?;
+
         let page = services
             .federation
             .page(&query, &grants, first, after.as_ref())
@@ -416,7 +430,7 @@ impl QueryRoot {
             });
         }
         let end_cursor = page.studies.last().map(|found| {
-            cursor::encode(&SortKey::of(&found.partner.id, &found.study), &fingerprint)
+            cursor::encode(key, &binding, &SortKey::of(&found.partner.id, &found.study))
         });
         let nodes = page
             .studies

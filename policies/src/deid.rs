@@ -186,6 +186,15 @@ impl MasterKey {
         crate::disclosure::CellKeys::new(hmac(&self.0, &[b"meshgate cell keys v1"]))
     }
 
+    /// A keyed tag over `parts` for `purpose` (e.g. authenticating page
+    /// cursors), under a key derived for that purpose alone.
+    pub fn tag(&self, purpose: &str, parts: &[&[u8]]) -> [u8; 32] {
+        hmac(
+            &hmac(&self.0, &[b"meshgate tag key v1", purpose.as_bytes()]),
+            parts,
+        )
+    }
+
     /// The key for one project's pseudonyms.
     pub fn project_key(&self, project: &str) -> ProjectKey {
         ProjectKey(hmac(

@@ -161,7 +161,8 @@ pub struct PartnerStatus {
     /// What went wrong, for people; never upstream bodies or identifiers.
     pub message: Option<String>,
     /// True when the partner's answer was reused from meshgate's cache (at
-    /// most its `ttl_seconds` old) instead of asked for again.
+    /// most its `ttl_seconds` old) instead of asked for again. Cached
+    /// answers are the caller's own: never another caller's.
     pub cached: bool,
 }
 

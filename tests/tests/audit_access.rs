@@ -79,6 +79,7 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
         (researcher, json!(["north"])),
         (researcher, json!(["south"])),
         (&other_researcher, json!(["south", "east"])),
+        (&other_researcher, json!(["north", "south"])),
     ] {
         let (status, body) = gateway
             .post_as(
@@ -110,6 +111,7 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
     );
     let queried = all
         .iter()
+        .rev()
         .find(|e| e["subject"] == "other-researcher")
         .unwrap();
     let filter: Value =
@@ -148,6 +150,22 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
             "north's admin saw an event not involving north: {event}"
         );
     }
+    // ... and of an event that touched north and south, only north's part:
+    // south's decision, status and count are not north's to read.
+    let both = north
+        .iter()
+        .find(|e| e["subject"] == "other-researcher")
+        .expect("the north-and-south query is visible to north's admin");
+    assert_eq!(partners_of(both), ["north"], "{both}");
+    let whole = all
+        .iter()
+        .find(|e| e["sequence"] == both["sequence"])
+        .unwrap();
+    assert_eq!(
+        partners_of(whole),
+        ["north", "south"],
+        "governance sees all"
+    );
     let south_only = events(&gateway, north_admin, json!({"partner": "south"})).await;
     assert!(
         south_only
@@ -157,10 +175,11 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
         "{south_only:?}"
     );
     assert!(
-        !south_only
+        south_only
             .iter()
-            .any(|e| e["subject"] == "other-researcher"),
-        "another partner's events stay hidden"
+            .filter(|e| e["subject"] == "other-researcher")
+            .all(|e| partners_of(e) == ["north"]),
+        "another partner's events, and parts, stay hidden"
     );
 
     // Filters: by subject and outcome, for governance.
@@ -215,6 +234,18 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
             "demo-researcher"
         );
     }
+    // North's admin's export holds only north's part of others' events.
+    let northern = reqwest::Client::new()
+        .get(format!("{root}/audit/AuditEvent.ndjson"))
+        .bearer_auth(north_admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!northern.is_empty());
+    assert!(!northern.contains("\"south\""), "{northern}");
     // Exporting was itself audited.
     let exports = events(&gateway, governance, json!({})).await;
     assert!(exports.iter().any(|e| e["operation"] == "auditExport"));

@@ -514,7 +514,7 @@ async fn counts_only_counts_are_the_same_for_the_same_studies_and_do_not_differe
 }
 
 #[tokio::test]
-async fn two_principals_with_different_decisions_never_see_each_others_cached_answer() {
+async fn no_caller_is_answered_from_or_told_of_another_callers_cached_answer() {
     let c = consortium().await;
     let token = |sub: &str, institution: &str, permissions: &[&str]| {
         c.gateway.issuer.token(
@@ -600,16 +600,21 @@ async fn two_principals_with_different_decisions_never_see_each_others_cached_an
         "an original UID reached a de-identified caller"
     );
 
-    // The same decision shares the cached answer, and sees the same pseudonyms.
+    // The same decision for another caller: still asked again, so neither
+    // `cached` nor the latency tells her that a colleague asked the same
+    // question a moment ago. She sees the same pseudonyms.
     let (status, count, uids, asked) = ask(&colleague).await;
     assert_eq!(
         asked,
-        (false, false),
-        "the same decision should share the cached answers"
+        (true, true),
+        "a cached answer was served to another caller"
     );
-    assert_eq!(count["cached"], true);
+    assert_eq!(count["cached"], false);
     assert_eq!(status["disclosure"], "DEIDENTIFIED");
     assert_eq!(uids, pseudonyms);
+    let (_, count, _, asked) = ask(&colleague).await;
+    assert_eq!(asked, (false, false), "her own repeat is cached");
+    assert_eq!(count["cached"], true);
 
     let metrics = reqwest::get(c.gateway.url.replace("/graphql", "/metrics"))
         .await
@@ -982,4 +987,81 @@ async fn a_token_from_another_trusted_issuer_claiming_norths_staff_gets_no_more_
         who["data"]["me"]["institution"],
         meshgate_tests::PARTNER_ISSUER_INSTITUTION
     );
+}
+
+#[tokio::test]
+async fn cursors_tampered_with_or_replayed_by_another_caller_or_in_another_project_are_refused() {
+    let c = consortium().await;
+    let token = |sub: &str, institution: &str, permissions: &[&str]| {
+        c.gateway.issuer.token(
+            &json!({"sub": sub, "institution": institution, "roles": ["researcher"],
+                    "projects": ["demo", "lung-cancer"], "permissions": permissions}),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    let staff = token(
+        "north-staff",
+        "northfield-university-hospital",
+        &["north:identified-access"],
+    );
+    let researcher = token("researcher", "westfield-university", &[]);
+    let first_page = async |who: &str, project: &str| {
+        let (_, body) = c
+            .gateway
+            .post_as(
+                Some(who),
+                PAGE_QUERY,
+                json!({"project": project, "filter": {"partners": ["north"]}}),
+            )
+            .await;
+        body["data"]["imagingStudies"]["pageInfo"]["endCursor"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let next = async |who: &str, project: &str, after: &str| {
+        let (_, body) = c
+            .gateway
+            .post_as(
+                Some(who),
+                PAGE_QUERY,
+                json!({"project": project, "filter": {"partners": ["north"]}, "after": after}),
+            )
+            .await;
+        body
+    };
+    let refused = |body: &Value| body["errors"][0]["extensions"]["code"] == "INVALID_CURSOR";
+
+    // North's staff reads identified records: their cursor holds an original UID.
+    let identified = first_page(&staff, "demo").await;
+    let mine = first_page(&researcher, "demo").await;
+    assert!(!refused(&next(&staff, "demo", &identified).await));
+    assert!(!refused(&next(&researcher, "demo", &mine).await));
+
+    let before = c.bytes_sent();
+    // Replayed by another caller (whose decision differs, too).
+    assert!(refused(&next(&researcher, "demo", &identified).await));
+    assert!(refused(&next(&staff, "demo", &mine).await));
+    // Replayed in another project by the caller it was issued to.
+    assert!(refused(&next(&researcher, "lung-cancer", &mine).await));
+    // Tampered with: another position under the same tag, or another tag.
+    let (body, tag) = mine.split_once('.').unwrap();
+    let mut position: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, body).unwrap(),
+    )
+    .unwrap();
+    position["u"] = json!("2.25.1");
+    let edited = format!(
+        "{}.{tag}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(&position).unwrap()
+        )
+    );
+    assert!(refused(&next(&researcher, "demo", &edited).await));
+    let (_, other_tag) = identified.split_once('.').unwrap();
+    assert!(refused(
+        &next(&researcher, "demo", &format!("{body}.{other_tag}")).await
+    ));
+    assert_eq!(before, c.bytes_sent(), "a refused cursor reached a partner");
 }

@@ -51,6 +51,44 @@ pub struct Scope {
     pub partners: Vec<String>,
 }
 
+impl Scope {
+    /// An entry as this reader may read it: their own whole; another's
+    /// with only the parts of the partners the reader may see — every other
+    /// partner's decision, status and count removed, so a partner's admin
+    /// learns nothing about how the other partners answered.
+    pub fn shown(&self, mut entry: StoredEntry) -> StoredEntry {
+        let own = self.own.as_ref().is_some_and(|(issuer, subject)| {
+            entry.issuer.as_deref() == Some(issuer) && entry.subject.as_deref() == Some(subject)
+        });
+        if own {
+            return entry;
+        }
+        let visible = |id: &str| self.partners.iter().any(|p| p == id);
+        let mut record: serde_json::Value = serde_json::from_str(&entry.record).unwrap_or_default();
+        for access in record
+            .get_mut("accesses")
+            .and_then(serde_json::Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(partners) = access
+                .get_mut("partners")
+                .and_then(serde_json::Value::as_array_mut)
+            {
+                partners.retain(|p| p["partner"].as_str().is_some_and(visible));
+            }
+        }
+        entry.record = super::canonical_json(&record);
+        entry.partners = entry
+            .partners
+            .split(',')
+            .filter(|id| id.is_empty() || visible(id))
+            .collect::<Vec<_>>()
+            .join(",");
+        entry
+    }
+}
+
 /// Which entries a reader may see and wants.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
@@ -365,7 +403,11 @@ impl Store {
                 .fetch_all(pool)
                 .await
                 .map_err(unavailable)?;
-            rows.iter().map(read_row).collect()
+            rows.iter().map(read_row).collect::<Result<Vec<_>, _>>()
+        })
+        .map(|entries| match &selection.scope {
+            Some(scope) => entries.into_iter().map(|e| scope.shown(e)).collect(),
+            None => entries,
         })
     }
 
