@@ -376,6 +376,7 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
             guard: Guard::new(partner.protection),
             deadline: partner.deadline(),
             control: partner.count_control(),
+            budget: partner.budget,
             mapping: MappingOptions {
                 utc_offset: partner
                     .utc_offset

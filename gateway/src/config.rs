@@ -25,6 +25,7 @@ use crate::audit::{AuditSettings, StoreLocation};
 use crate::auth::{
     Allowed, ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES, IssuerSettings, Trust,
 };
+use crate::budget::BudgetConfig;
 use crate::cache::CacheConfig;
 use crate::limits::QueryLimits;
 use crate::protection::ProtectionConfig;
@@ -305,6 +306,10 @@ pub struct PartnerConfig {
     /// studies (cell-key perturbation); 0 disables.
     #[serde(default = "default_perturbation")]
     pub perturbation: u32,
+    /// Distinct questions one caller may ask this partner per project and
+    /// window where it releases de-identified records or counts.
+    #[serde(default)]
+    pub budget: BudgetConfig,
     pub connector: ConnectorConfig,
 }
 

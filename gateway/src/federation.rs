@@ -29,6 +29,7 @@ use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
+use crate::budget::{BudgetConfig, Exhausted, QueryBudgets};
 use crate::cache::{AnswerCache, CacheKey};
 use crate::metrics::METRICS;
 use crate::protection::{Guard, Refusal};
@@ -45,6 +46,8 @@ pub struct Partner {
     pub mapping: MappingOptions,
     /// Count disclosure control for callers who are not its own staff.
     pub control: CountControl,
+    /// Distinct questions per caller and project where it de-identifies or counts.
+    pub budget: BudgetConfig,
 }
 
 /// How one partner answered a connection check.
@@ -149,6 +152,8 @@ enum Failure {
     CircuitOpen,
     /// Not called: the query filters on attributes the partner's view removes.
     Withheld(Withheld),
+    /// Not called: the caller spent the partner's query budget.
+    OverBudget(Exhausted),
 }
 
 /// One partner's answer to the search phase.
@@ -259,6 +264,7 @@ pub struct MergedPage {
 pub struct Federation {
     partners: Vec<Arc<Partner>>,
     cache: AnswerCache,
+    budgets: QueryBudgets,
 }
 
 impl Federation {
@@ -266,7 +272,13 @@ impl Federation {
         Federation {
             partners: partners.into_iter().map(Arc::new).collect(),
             cache,
+            budgets: QueryBudgets::default(),
         }
+    }
+
+    /// Every caller's query budgets.
+    pub fn budgets(&self) -> &QueryBudgets {
+        &self.budgets
     }
 
     /// The partners' cached answers.
@@ -309,6 +321,13 @@ impl Federation {
     /// each under its deadline.
     async fn search(&self, query: &StudyQuery, grants: &Grants) -> Vec<PartnerSearch> {
         let started = Instant::now();
+        // The question as every partner gets it; paging and repeats are free.
+        let question = StudyQuery {
+            partners: Default::default(),
+            ..query.clone()
+        }
+        .fingerprint();
+        let question = &question;
         join_all(self.asked(query).into_iter().map(|partner| async move {
             let deadline = started + partner.deadline;
             let grant = grants
@@ -321,9 +340,26 @@ impl Federation {
             // counts), the query is evaluated on that view: the partner is
             // asked a widened query and its answer narrowed on released
             // values, so nothing the caller may not see decides a match.
+            // Only a question the partner can answer is charged to the
+            // caller's budget there.
             let asked = match (&grant.disclosure, &grant.deidentifier) {
                 (Disclosure::Denied { reasons }, _) => Err(Failure::Denied(reasons.clone())),
-                (_, Some(deid)) => deid.asked(query).map(Some).map_err(Failure::Withheld),
+                (_, Some(deid)) => {
+                    deid.asked(query)
+                        .map_err(Failure::Withheld)
+                        .and_then(|widened| {
+                            self.budgets
+                                .charge(
+                                    partner.budget,
+                                    &grants.caller,
+                                    &grants.project,
+                                    &partner.id,
+                                    question,
+                                )
+                                .map(|()| Some(widened))
+                                .map_err(Failure::OverBudget)
+                        })
+                }
                 (_, None) => Ok(None),
             };
             let result = match asked {
@@ -685,6 +721,7 @@ fn outcome_name(outcome: PartnerOutcome) -> &'static str {
         PartnerOutcome::Denied => "DENIED",
         PartnerOutcome::CircuitOpen => "CIRCUIT_OPEN",
         PartnerOutcome::Withheld => "WITHHELD",
+        PartnerOutcome::BudgetExhausted => "BUDGET_EXHAUSTED",
     }
 }
 
@@ -719,6 +756,11 @@ fn describe(failure: &Failure) -> (PartnerOutcome, String, String) {
             Withheld::CODE.to_owned(),
             withheld.to_string(),
         ),
+        Failure::OverBudget(exhausted) => (
+            PartnerOutcome::BudgetExhausted,
+            Exhausted::CODE.to_owned(),
+            exhausted.to_string(),
+        ),
     }
 }
 
@@ -734,6 +776,12 @@ fn log_failure(partner: &str, failure: &Failure, phase: &'static str) {
         }
         Failure::Withheld(_) => {
             tracing::debug!(partner, "partner not asked: filter on a removed attribute")
+        }
+        Failure::OverBudget(_) => {
+            tracing::info!(
+                partner,
+                "partner not asked: the caller's query budget is spent"
+            )
         }
     }
 }

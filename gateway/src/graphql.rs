@@ -17,6 +17,7 @@ use meshgate_schema::{Principal, QueryError, StudyQuery};
 
 use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
 use crate::audit::{AuditLog, Scope, Selection};
+use crate::budget::QueryBudgetUse;
 use crate::cache::decision;
 use crate::config::ServerProfile;
 use crate::cursor::{self, Binding, CursorError};
@@ -150,6 +151,32 @@ impl QueryRoot {
             .map_err(|e| e.extend())
     }
 
+    /// Query budgets in use at or above `atLeast` (a fraction of their
+    /// limit; default 0.8), fullest first: governance sees every caller's; a
+    /// partner admin those at its partner; everyone their own.
+    async fn query_budgets(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 0.8)] at_least: f64,
+    ) -> async_graphql::Result<Vec<QueryBudgetUse>> {
+        let principal = principal(ctx).map_err(|e| e.extend())?;
+        let services = services(ctx).map_err(|e| e.extend())?;
+        let scope = audit_scope(services, principal);
+        let own = caller(principal);
+        Ok(services
+            .federation
+            .budgets()
+            .in_use(at_least)
+            .into_iter()
+            .filter(|usage| {
+                scope.as_ref().is_none_or(|scope| {
+                    usage.caller == own || scope.partners.contains(&usage.partner)
+                })
+            })
+            .map(QueryBudgetUse::from)
+            .collect())
+    }
+
     /// The caller, as the gateway sees them.
     async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Principal> {
         principal(ctx).cloned().map_err(|e| e.extend())
@@ -267,6 +294,11 @@ fn audit_scope(services: &Services, principal: &Principal) -> Option<Scope> {
     })
 }
 
+/// Who asks, as caches and budgets key it: issuer and subject.
+fn caller(principal: &Principal) -> String {
+    format!("{}\n{}", principal.issuer, principal.subject)
+}
+
 fn services<'a>(ctx: &Context<'a>) -> Result<&'a Services, ApiError> {
     ctx.data::<Services>().map_err(|_| ApiError::Internal)
 }
@@ -312,7 +344,7 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
         partners,
         cell_keys: services.pseudonym_key.cell_keys(),
         project: project.to_owned(),
-        caller: format!("{}\n{}", principal.issuer, principal.subject),
+        caller: caller(principal),
     }
 }
 

@@ -23,6 +23,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod checks;
 pub mod config;

@@ -109,6 +109,9 @@ pub enum PartnerOutcome {
     /// de-identification profile removes, so it cannot be evaluated on
     /// what the partner releases (code `FILTER_ON_REMOVED_ATTRIBUTE`).
     Withheld,
+    /// Not asked: the caller has spent this partner's query budget for the
+    /// project in the current window (code `QUERY_BUDGET_EXHAUSTED`).
+    BudgetExhausted,
 }
 
 /// What a partner's policy lets it disclose for a query.

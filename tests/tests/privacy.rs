@@ -1065,3 +1065,120 @@ async fn cursors_tampered_with_or_replayed_by_another_caller_or_in_another_proje
     ));
     assert_eq!(before, c.bytes_sent(), "a refused cursor reached a partner");
 }
+
+#[tokio::test]
+async fn the_query_budget_stops_a_bisection_run_and_governance_sees_it_in_the_audit_log() {
+    // North alone, with a budget of 40 distinct questions an hour.
+    let north = OrthancPartner::start("north", 40, 11).await;
+    let table = north.table(10_000, None).replace(
+        "[partners.connector]",
+        "budget = { questions = 40, window_hours = 1 }\n[partners.connector]",
+    );
+    let gateway = Gateway::start_with(&table, Policies::Examples).await;
+    let hour = std::time::Duration::from_secs(3600);
+    let governance = gateway.issuer.token(
+        &json!({"sub": "auditor", "institution": "consortium-office", "roles": ["governance"]}),
+        hour,
+    );
+    let north_status = async |token: &str, filter: Value| {
+        let (_, body) = gateway
+            .post_as(
+                Some(token),
+                COUNT_QUERY,
+                json!({"project": "lung-cancer", "filter": filter}),
+            )
+            .await;
+        assert!(body.get("errors").is_none(), "{body}");
+        status(&body["data"]["cohortCount"]["partners"], "north").clone()
+    };
+    // The attacker walks a date range day by day (a bisection needs fewer
+    // questions per study but many studies; the budget counts them alike).
+    let start = Date::from_calendar_date(2015, time::Month::January, 1).unwrap();
+    let mut answered = 0;
+    let mut stopped = None;
+    for day in 0..200 {
+        let to = start + time::Duration::days(day);
+        let s = north_status(&gateway.token, json!({"studyDate": {"to": to.to_string()}})).await;
+        if s["status"] == "BUDGET_EXHAUSTED" {
+            stopped = Some(s);
+            break;
+        }
+        assert_eq!(s["status"], "OK", "{s}");
+        answered += 1;
+    }
+    let stopped = stopped.expect("the budget stopped the run");
+    assert_eq!(answered, 40);
+    assert_eq!(stopped["code"], "QUERY_BUDGET_EXHAUSTED");
+    assert_eq!(stopped["count"], Value::Null);
+    println!("query budget: a date walk at north was stopped after {answered} questions");
+    // A question already asked is still answered: it reveals nothing new.
+    let again = north_status(
+        &gateway.token,
+        json!({"studyDate": {"to": start.to_string()}}),
+    )
+    .await;
+    assert_eq!(again["status"], "OK");
+    // Another researcher has a budget of her own.
+    let colleague = gateway.issuer.token(
+        &json!({"sub": "colleague", "institution": "westfield-university",
+                "roles": ["researcher"], "projects": ["lung-cancer"]}),
+        hour,
+    );
+    let hers = north_status(&colleague, json!({"studyDate": {"to": "2020-01-01"}})).await;
+    assert_eq!(hers["status"], "OK");
+
+    // Governance sees who reached the budget, and the refusal in the log.
+    let (_, body) = gateway
+        .post_as(
+            Some(&governance),
+            "{ queryBudgets(atLeast: 0.9) { subject project partner used limit windowEnds } }",
+            json!({}),
+        )
+        .await;
+    let budgets = body["data"]["queryBudgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 1, "{body}");
+    assert_eq!(
+        (
+            &budgets[0]["subject"],
+            &budgets[0]["partner"],
+            &budgets[0]["used"],
+            &budgets[0]["limit"]
+        ),
+        (
+            &json!("e2e-researcher"),
+            &json!("north"),
+            &json!(40),
+            &json!(40)
+        )
+    );
+    let (_, body) = gateway
+        .post_as(
+            Some(&governance),
+            r#"{ auditEvents(filter: {subject: "e2e-researcher"}, first: 5) {
+                 nodes { accesses { partners { partner status } } } } }"#,
+            json!({}),
+        )
+        .await;
+    let statuses: Vec<&Value> = body["data"]["auditEvents"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["accesses"][0]["partners"][0]["status"])
+        .collect();
+    assert!(
+        statuses.contains(&&json!("BUDGET_EXHAUSTED")),
+        "the refusal is audited: {body}"
+    );
+    // A researcher sees only her own budget.
+    let (_, body) = gateway
+        .post_as(
+            Some(&colleague),
+            "{ queryBudgets(atLeast: 0) { subject } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        body["data"]["queryBudgets"],
+        json!([{"subject": "colleague"}])
+    );
+}
