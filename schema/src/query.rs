@@ -264,12 +264,14 @@ impl StudyQuery {
                     .and_then(Modality::from_code)
                     .is_some_and(|m| self.modalities.contains(&m))
         };
+        // Archives store body parts in any case ("chest"); the filter is
+        // upper case.
         let part_ok = |part: Option<&str>| {
             !body_part
                 || self
                     .body_part
                     .as_deref()
-                    .is_none_or(|want| part == Some(want))
+                    .is_none_or(|want| part.is_some_and(|p| p.eq_ignore_ascii_case(want)))
         };
         if study.series.is_empty() {
             study.modalities.iter().any(|code| modality_ok(Some(code)))

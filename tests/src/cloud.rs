@@ -391,7 +391,7 @@ async fn dicomweb(
     for (name, value) in query.iter().filter(|(k, _)| k != "limit" && k != "offset") {
         url.push_str(name);
         url.push('=');
-        url.push_str(&Profile::Orthanc.encode_value(&Profile::Orthanc.exact_pattern(value)));
+        url.push_str(&Profile::Orthanc.encode_value(value));
         url.push('&');
     }
     let mut answer = inner.client.get(&url).send().await;

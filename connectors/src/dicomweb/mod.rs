@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 use crate::aws_credentials::AwsCredentialProvider;
 use crate::token::TokenProvider;
 use crate::{Connector, ConnectorError, SearchOutcome, Secret, http};
-pub use profile::Profile;
+pub use profile::{Profile, TextMatch, wildcard_pattern};
 pub use reqwest::Url;
 
 type DicomJson = Map<String, Value>;
@@ -163,15 +163,18 @@ impl DicomWebConnector {
         self.measured().offset.unwrap_or(true)
     }
 
-    /// A StudyDescription value matching descriptions containing `needle`,
-    /// when the backend matches wildcards case-insensitively.
-    fn contains_pattern(&self, needle: &str) -> Option<String> {
-        let profile = self.settings.profile;
-        match self.measured().wildcard {
-            Some(true) => Some(format!("*{}*", profile.exact_pattern(needle))),
-            Some(false) => None,
-            None => profile.contains_pattern(needle),
-        }
+    /// A value to push down for a text filter: only to a backend measured
+    /// (or, until probed, assumed by its profile) to match `*` wildcards
+    /// case-insensitively, and only as a pattern that finds at least every
+    /// match (see [`wildcard_pattern`]); the exact match is done locally.
+    fn text_pattern(&self, value: &str, how: TextMatch) -> Option<String> {
+        let case_insensitive = self
+            .measured()
+            .wildcard
+            .unwrap_or(self.settings.profile.case_insensitive_wildcards());
+        case_insensitive
+            .then(|| wildcard_pattern(value, how))
+            .flatten()
     }
 
     /// Whether `ModalitiesInStudy` can be asked at study level and paged.
@@ -348,7 +351,6 @@ impl DicomWebConnector {
     /// Pushed-down filters are checked again locally wherever the returned
     /// attributes allow it: cheap, and it guards against lenient matching.
     fn plan(&self, query: &StudyQuery) -> SearchPlan {
-        let profile = self.settings.profile;
         // Study-level keys that both QIDO-RS levels accept.
         let mut shared = Vec::new();
         if let Some(range) = query.study_date {
@@ -367,7 +369,7 @@ impl DicomWebConnector {
         let mut study = vec![("includefield".to_owned(), include_fields(STUDY_FIELDS))];
         study.extend(shared.iter().cloned());
         if let Some(needle) = &query.description
-            && let Some(pattern) = self.contains_pattern(needle)
+            && let Some(pattern) = self.text_pattern(needle, TextMatch::Contains)
         {
             study.push(("StudyDescription".to_owned(), pattern));
         }
@@ -400,8 +402,12 @@ impl DicomWebConnector {
                 if let Some(group) = group {
                     params.push(("Modality".to_owned(), group));
                 }
-                if let Some(part) = &query.body_part {
-                    params.push(("BodyPartExamined".to_owned(), profile.exact_pattern(part)));
+                if let Some(pattern) = query
+                    .body_part
+                    .as_ref()
+                    .and_then(|part| self.text_pattern(part, TextMatch::Exact))
+                {
+                    params.push(("BodyPartExamined".to_owned(), pattern));
                 }
                 series.push(params);
             }
@@ -485,7 +491,7 @@ impl Connector for DicomWebConnector {
         if self.modality_lists() {
             native_filters.push(FilterKind::Modality);
         }
-        if self.contains_pattern("x").is_some() {
+        if self.text_pattern("x", TextMatch::Contains).is_some() {
             native_filters.push(FilterKind::Description);
         }
         native_filters.sort();

@@ -140,8 +140,7 @@ impl DicomWebConnector {
             } else {
                 word.to_ascii_uppercase()
             };
-            let profile = self.settings.profile;
-            let matching = format!("*{}*", profile.exact_pattern(&flipped));
+            let matching = format!("*{flipped}*");
             let rows = lenient(
                 self.get_json(
                     "studies",

@@ -86,25 +86,11 @@ impl Profile {
         matches!(self, Profile::Orthanc)
     }
 
-    /// A QIDO-RS value matching text that contains `needle`, when this
-    /// backend matches wildcards case-insensitively (DICOM leaves that to
-    /// the implementation; Orthanc does, most others do not).
-    pub fn contains_pattern(self, needle: &str) -> Option<String> {
-        match self {
-            Profile::Orthanc => Some(format!("*{}*", self.exact_pattern(needle))),
-            Profile::Generic | Profile::Gcp | Profile::Azure | Profile::Aws => None,
-        }
-    }
-
-    /// A QIDO-RS value matching `value` exactly, as far as this backend can
-    /// be told: Orthanc cannot receive a space in a query value (it does not
-    /// decode `%20` or `+`), so there a space becomes the one-character
-    /// wildcard `?` and the caller checks the returned value exactly.
-    pub fn exact_pattern(self, value: &str) -> String {
-        match self {
-            Profile::Orthanc => value.replace(' ', "?"),
-            Profile::Generic | Profile::Gcp | Profile::Azure | Profile::Aws => value.to_owned(),
-        }
+    /// Whether the backend is assumed, until the probe measures it, to
+    /// match `*` wildcards case-insensitively (DICOM leaves case to the
+    /// implementation; Orthanc 1.10 does, measured, for every VR but PN).
+    pub fn case_insensitive_wildcards(self) -> bool {
+        matches!(self, Profile::Orthanc)
     }
 
     /// Encodes one query value for the URL. Commas stay raw everywhere:
@@ -126,9 +112,48 @@ impl Profile {
     }
 }
 
+/// How a text filter matches stored values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextMatch {
+    /// The whole value, ignoring case.
+    Exact,
+    /// A substring of it, ignoring case.
+    Contains,
+}
+
+/// A QIDO-RS wildcard pattern that matches at least every stored value
+/// `value` matches — never fewer — for a backend measured to match `*`
+/// case-insensitively; the caller checks the returned values exactly.
+///
+/// Only ASCII letters, digits and `-._~` are sent as they are: those reach
+/// every backend unchanged. Any other character — reserved ones
+/// (`/ & = + % # ? \` and space), wildcards typed by a caller, non-ASCII
+/// letters — is sent as `*`: Orthanc does not percent-decode query values
+/// (so `PET%2FCT` matches nothing there), `\` separates DICOM list values,
+/// and how a backend matches a multi-byte character against `?` is not
+/// known. `None` when the pattern would match everything (nothing to push
+/// down).
+pub fn wildcard_pattern(value: &str, how: TextMatch) -> Option<String> {
+    let mut pattern = String::with_capacity(value.len() + 2);
+    if how == TextMatch::Contains {
+        pattern.push('*');
+    }
+    for c in value.chars() {
+        if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') {
+            pattern.push(c);
+        } else if !pattern.ends_with('*') {
+            pattern.push('*');
+        }
+    }
+    if how == TextMatch::Contains && !pattern.ends_with('*') {
+        pattern.push('*');
+    }
+    pattern.chars().any(|c| c != '*').then_some(pattern)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Profile;
+    use super::{Profile, TextMatch, wildcard_pattern};
 
     #[test]
     fn orthanc_gets_person_name_carets_raw_and_generic_gets_them_encoded() {
@@ -140,14 +165,28 @@ mod tests {
     }
 
     #[test]
-    fn orthanc_gets_spaces_as_single_character_wildcards() {
-        assert_eq!(Profile::Orthanc.exact_pattern("LEFT KNEE"), "LEFT?KNEE");
+    fn characters_a_backend_may_not_receive_intact_become_wildcards() {
+        let contains = |v| wildcard_pattern(v, TextMatch::Contains);
+        assert_eq!(contains("pet/ct").as_deref(), Some("*pet*ct*"));
+        assert_eq!(contains("ct chest w/o").as_deref(), Some("*ct*chest*w*o*"));
+        assert_eq!(contains("übersicht").as_deref(), Some("*bersicht*"));
         assert_eq!(
-            Profile::Orthanc
-                .contains_pattern("with contrast")
-                .as_deref(),
-            Some("*with?contrast*")
+            contains("a&b=c+d%e#f?g\\h").as_deref(),
+            Some("*a*b*c*d*e*f*g*h*")
         );
-        assert_eq!(Profile::Generic.contains_pattern("chest"), None);
+        assert_eq!(
+            contains("***").as_deref(),
+            None,
+            "typed wildcards match literally"
+        );
+        assert_eq!(contains("//").as_deref(), None);
+        assert_eq!(
+            wildcard_pattern("LEFT KNEE", TextMatch::Exact).as_deref(),
+            Some("LEFT*KNEE")
+        );
+        assert_eq!(
+            wildcard_pattern("CHEST", TextMatch::Exact).as_deref(),
+            Some("CHEST")
+        );
     }
 }
