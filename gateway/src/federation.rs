@@ -427,14 +427,16 @@ impl Federation {
         (total, searches.iter().map(status).collect())
     }
 
-    /// The `first` studies after `after` in the merged order, with series
-    /// and instances loaded, from the partners that release records.
+    /// The `first` studies after `after` in the merged order, from the
+    /// partners that release records; with their series and instances
+    /// loaded when `with_series` (the caller selected what needs them).
     pub async fn page(
         &self,
         query: &StudyQuery,
         grants: &Grants,
         first: usize,
         after: Option<&SortKey>,
+        with_series: bool,
     ) -> MergedPage {
         let mut searches = self.search(query, grants).await;
         let mut merged: Vec<(SortKey, usize, usize)> = Vec::new();
@@ -479,7 +481,7 @@ impl Federation {
         // cached under the same decision are reused.
         let loaded = join_all(searches.iter().zip(per_partner).map(
             |(search, bucket)| async move {
-                if bucket.is_empty() {
+                if bucket.is_empty() || !with_series {
                     return (bucket, None, None);
                 }
                 let (positions, mut studies): (Vec<usize>, Vec<Study>) = bucket.into_iter().unzip();

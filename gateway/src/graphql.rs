@@ -422,6 +422,10 @@ impl QueryRoot {
         let principal = principal(ctx)?;
         let services = services(ctx)?;
         let query = Self::query(services, &project, filter)?;
+        // Series and instances cost requests per partner: loaded only when
+        // the selection shows them (FHIR, body parts).
+        let nodes = ctx.look_ahead().field("nodes");
+        let with_series = nodes.field("fhir").exists() || nodes.field("bodyParts").exists();
         if !(1..=MAX_PAGE_SIZE).contains(&first) {
             return Err(ApiError::InvalidPageSize(first));
         }
@@ -446,7 +450,7 @@ impl QueryRoot {
 
         let page = services
             .federation
-            .page(&query, &grants, first, after.as_ref())
+            .page(&query, &grants, first, after.as_ref(), with_series)
             .await;
         if let Ok(request) = ctx.data::<RequestContext>() {
             request.note(AuditedAccess {

@@ -289,12 +289,14 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// A TCP proxy that counts the bytes clients send upstream and can hold
-/// each connection's traffic back for a while (a slow partner).
+/// A TCP proxy that counts the bytes and HTTP GET requests clients send
+/// upstream and can hold each connection's traffic back for a while (a
+/// slow partner).
 #[derive(Debug)]
 pub struct TcpProxy {
     pub address: SocketAddr,
     sent: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -303,8 +305,10 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let sent = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
         let (stop, mut stopped) = oneshot::channel::<()>();
         let counter = Arc::clone(&sent);
+        let request_counter = Arc::clone(&requests);
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -315,6 +319,7 @@ impl TcpProxy {
                     return;
                 };
                 let counter = Arc::clone(&counter);
+                let request_counter = Arc::clone(&request_counter);
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
@@ -330,6 +335,9 @@ impl TcpProxy {
                                 Ok(n) => n,
                             };
                             counter.fetch_add(n as u64, Ordering::SeqCst);
+                            // GETs carry no body: each "GET /" starts a request.
+                            let gets = buffer[..n].windows(5).filter(|w| w == b"GET /").count();
+                            request_counter.fetch_add(gets as u64, Ordering::SeqCst);
                             tokio::time::sleep(delay).await;
                             if server_write.write_all(&buffer[..n]).await.is_err() {
                                 break;
@@ -348,6 +356,7 @@ impl TcpProxy {
         TcpProxy {
             address,
             sent,
+            requests,
             _stop: stop,
         }
     }
@@ -355,6 +364,11 @@ impl TcpProxy {
     /// Bytes clients have sent upstream so far.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::SeqCst)
+    }
+
+    /// HTTP GET requests clients have sent upstream so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {

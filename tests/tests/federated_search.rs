@@ -70,6 +70,7 @@ async fn federated_search_over_real_orthanc_partners() {
     .await;
     paging_by_seven_returns_every_study_exactly_once_in_order(&consortium).await;
     every_returned_study_validates_as_fhir_r4_imaging_study(&consortium).await;
+    a_page_loads_series_in_bulk_and_only_when_its_selection_shows_them(&consortium).await;
     invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(&consortium).await;
     partners_are_listed_with_their_connector_capabilities(&consortium).await;
 }
@@ -97,6 +98,84 @@ async fn every_returned_study_validates_as_fhir_r4_imaging_study(c: &Consortium)
         );
     }
     validate_imaging_studies(&resources);
+}
+
+async fn a_page_loads_series_in_bulk_and_only_when_its_selection_shows_them(c: &Consortium) {
+    // Fresh callers: cached answers are per caller, so each is asked anew.
+    let token = |sub: &str| {
+        c.gateway.issuer.token(
+            &json!({"sub": sub, "roles": ["researcher"], "projects": ["ground-truth"]}),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    let requests = || -> Vec<u64> { c.orthancs.iter().map(|p| p.proxy.requests()).collect() };
+    let ask = async |who: &str, selection: &str| {
+        let before = requests();
+        let query = format!(
+            "{{ imagingStudies(project: \"ground-truth\", first: 200, filter: {{partners: [\"north\", \"south\", \"east\"]}}) {{ nodes {{ partner studyInstanceUid {selection} }} partners {{ partner status }} }} }}"
+        );
+        let (_, body) = c.gateway.post_as(Some(who), &query, json!({})).await;
+        let page = &body["data"]["imagingStudies"];
+        assert!(
+            page["partners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["status"] == "OK"),
+            "{page}"
+        );
+        let after = requests();
+        let made: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        (page["nodes"].as_array().unwrap().clone(), made)
+    };
+    let (_, without) = ask(&token("uids-only"), "").await;
+    let (nodes, with) = ask(&token("with-fhir"), "fhir").await;
+    // 155 studies over three partners: two requests per study would be 310.
+    assert_eq!(nodes.len(), 155);
+    // North pages by 25 rows, east by 7: their requests are pages, not studies.
+    for ((partner, without), with) in ["north", "south", "east"].iter().zip(&without).zip(&with) {
+        let studies = nodes.iter().filter(|n| n["partner"] == *partner).count() as u64;
+        println!(
+            "{partner}: series and instances of {studies} studies in {} requests",
+            with - without
+        );
+        if *partner != "east" {
+            assert!(
+                with - without < studies / 2,
+                "{partner}: {studies} studies' series took {} requests",
+                with - without
+            );
+        }
+    }
+    // South pages by 1,000: its 45 studies' series and instances are two
+    // searches (each ending on an empty page).
+    assert!(
+        with[1] - without[1] <= 4,
+        "south: {:?} vs {:?}",
+        with,
+        without
+    );
+    // Bulk-loaded series are each study's own.
+    let rows: std::collections::HashMap<String, (u32, u32)> = c
+        .truth
+        .rows()
+        .map(|(_, row)| {
+            (
+                row.study_uid.clone(),
+                (row.number_of_series, row.number_of_instances),
+            )
+        })
+        .collect();
+    for node in &nodes {
+        let fhir = &node["fhir"];
+        let uid = node["studyInstanceUid"].as_str().unwrap();
+        let series = fhir["series"].as_array().unwrap();
+        let instances: usize = series
+            .iter()
+            .map(|s| s["instance"].as_array().map_or(0, Vec::len))
+            .sum();
+        assert_eq!((series.len() as u32, instances as u32), rows[uid], "{uid}");
+    }
 }
 
 async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c: &Consortium) {

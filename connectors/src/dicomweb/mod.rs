@@ -462,6 +462,73 @@ impl DicomWebConnector {
         Ok((studies, truncated))
     }
 
+    /// Series and instances of many studies at once, where the backend was
+    /// measured to match `StudyInstanceUID` lists: one series-level and one
+    /// instance-level search per [`MAX_UIDS_IN_URL`] studies (paged as
+    /// usual), not two requests per study.
+    async fn load_series_in_bulk(&self, studies: &mut [Study]) -> Result<(), ConnectorError> {
+        let mut uids: Vec<&str> = studies.iter().map(|s| s.uid.as_str()).collect();
+        uids.sort_unstable();
+        uids.dedup();
+        let lists: Vec<String> = uids.chunks(MAX_UIDS_IN_URL).map(|c| c.join(",")).collect();
+        let mut series_fields = SERIES_FIELDS.to_vec();
+        series_fields.push(tags::STUDY_INSTANCE_UID);
+        let mut instance_fields = INSTANCE_FIELDS.to_vec();
+        instance_fields.push(tags::STUDY_INSTANCE_UID);
+        let (series_fields, instance_fields) = (
+            include_fields(&series_fields),
+            include_fields(&instance_fields),
+        );
+        // (series level, or instance level; parameters)
+        let searches: Vec<(bool, Vec<(String, String)>)> = lists
+            .iter()
+            .flat_map(|list| {
+                [(true, &series_fields), (false, &instance_fields)].map(|(level, fields)| {
+                    let params = vec![
+                        ("StudyInstanceUID".to_owned(), list.clone()),
+                        ("includefield".to_owned(), fields.clone()),
+                    ];
+                    (level, params)
+                })
+            })
+            .collect();
+        let answers: Vec<(bool, Vec<DicomJson>)> = stream::iter(searches)
+            .map(|(series, params)| async move {
+                let (level, key) = if series {
+                    ("series", tags::SERIES_INSTANCE_UID)
+                } else {
+                    ("instances", tags::SOP_INSTANCE_UID)
+                };
+                let (rows, _) = self.search_all(level, &params, key).await?;
+                Ok::<_, ConnectorError>((series, rows))
+            })
+            .buffered(self.settings.detail_concurrency.max(1))
+            .try_collect()
+            .await?;
+        let mut by_study: HashMap<String, (Vec<DicomJson>, Vec<DicomJson>)> = HashMap::new();
+        for (is_series, rows) in answers {
+            for row in rows {
+                let Some(study) = row.text(tags::STUDY_INSTANCE_UID) else {
+                    continue;
+                };
+                let (series, instances) = by_study.entry(study).or_default();
+                if is_series {
+                    series.push(row);
+                } else {
+                    instances.push(row);
+                }
+            }
+        }
+        for study in studies.iter_mut() {
+            let (series, instances) = by_study
+                .get(&study.uid)
+                .map(|(s, i)| (s.as_slice(), i.as_slice()))
+                .unwrap_or_default();
+            study.set_series(assemble_series(series, instances));
+        }
+        Ok(())
+    }
+
     async fn series_of(&self, study_uid: &str) -> Result<Vec<Series>, ConnectorError> {
         let series_params = vec![("includefield".to_owned(), include_fields(SERIES_FIELDS))];
         let instance_params = vec![("includefield".to_owned(), include_fields(INSTANCE_FIELDS))];
@@ -587,6 +654,9 @@ impl Connector for DicomWebConnector {
     }
 
     async fn load_series(&self, studies: &mut [Study]) -> Result<(), ConnectorError> {
+        if studies.len() > 1 && self.measured().uid_lists == Some(true) {
+            return self.load_series_in_bulk(studies).await;
+        }
         let uids: Vec<String> = studies.iter().map(|study| study.uid.clone()).collect();
         let loaded: Vec<Vec<Series>> = stream::iter(
             uids.into_iter()
