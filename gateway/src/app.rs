@@ -108,11 +108,14 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
                 measured = check.partner.connector.capabilities().measured,
                 "partner checked"
             ),
-            Err(failure) => tracing::warn!(
-                partner = %check.partner.id,
-                code = failure.code(),
-                "partner could not be checked; using its profile's assumed capabilities"
-            ),
+            Err(failure) => {
+                tracing::warn!(
+                    partner = %check.partner.id,
+                    code = failure.code(),
+                    "partner could not be checked; using its profile's assumed capabilities until it can"
+                );
+                tokio::spawn(recheck(Arc::downgrade(&check.partner)));
+            }
         }
     }
     tracing::info!(
@@ -129,6 +132,31 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
         server: loaded.config.server,
     })
+}
+
+/// The first pause before probing again a partner that could not be
+/// checked at start-up; pauses double up to [`RECHECK_MAX_PAUSE`].
+pub const RECHECK_FIRST_PAUSE: Duration = Duration::from_secs(2);
+pub const RECHECK_MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// Probes a partner that could not be checked at start-up again, with
+/// growing pauses, until it answers: a partner that comes back gets its
+/// measured capabilities without a restart. Ends with the gateway.
+async fn recheck(partner: std::sync::Weak<Partner>) {
+    let mut pause = RECHECK_FIRST_PAUSE;
+    loop {
+        tokio::time::sleep(pause).await;
+        let Some(partner) = partner.upgrade() else {
+            return;
+        };
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(STARTUP_CHECK_TIMEOUT, partner.connector.check()).await
+        {
+            tracing::info!(partner = %partner.id, "partner checked after start-up");
+            return;
+        }
+        pause = (pause * 2).min(RECHECK_MAX_PAUSE);
+    }
 }
 
 /// Builds every partner's connector as configured.

@@ -625,8 +625,25 @@ impl Config {
                 message,
             }
         };
-        let config: Config = toml::from_str(text)
-            .map_err(|error| located(error.span(), error.message().to_owned()))?;
+        let mut config: Config = toml::from_str(text)
+            .map_err(|error| located(error.span(), suggest(error.message())))?;
+        // Every relative path is relative to this file's folder, so the
+        // same file means the same thing from any working directory.
+        let base = file.parent().unwrap_or(Path::new("."));
+        for partner in &mut config.partners {
+            match &mut partner.connector {
+                ConnectorConfig::Files { path, .. }
+                | ConnectorConfig::Azure {
+                    credentials:
+                        AzureCredentials::WorkloadIdentity {
+                            token_file: Some(path),
+                            ..
+                        },
+                    ..
+                } => *path = base.join(&*path),
+                _ => {}
+            }
+        }
         if config.partners.is_empty() {
             return Err(located(
                 None,
@@ -702,7 +719,7 @@ impl Config {
                     )?;
                     match credentials {
                         GcpCredentials::ServiceAccount { key } => Some(
-                            resolve_secret(key, env)
+                            resolve_secret(key, base, env)
                                 .map_err(|message| located(at(&["credentials", "key"]), message))?,
                         ),
                         GcpCredentials::MetadataServer { .. } => None,
@@ -725,9 +742,9 @@ impl Config {
                         AwsCredentialsConfig::Chain => None,
                         AwsCredentialsConfig::Static {
                             secret_access_key, ..
-                        } => Some(resolve_secret(secret_access_key, env).map_err(|message| {
-                            located(at(&["credentials", "secret_access_key"]), message)
-                        })?),
+                        } => Some(resolve_secret(secret_access_key, base, env).map_err(
+                            |message| located(at(&["credentials", "secret_access_key"]), message),
+                        )?),
                     }
                 }
                 ConnectorConfig::Azure {
@@ -747,7 +764,7 @@ impl Config {
                     )?;
                     match credentials {
                         AzureCredentials::ClientSecret { secret, .. } => {
-                            Some(resolve_secret(secret, env).map_err(|message| {
+                            Some(resolve_secret(secret, base, env).map_err(|message| {
                                 located(at(&["credentials", "secret"]), message)
                             })?)
                         }
@@ -770,11 +787,11 @@ impl Config {
                             password: reference,
                             ..
                         } => Some(
-                            resolve_secret(reference, env)
+                            resolve_secret(reference, base, env)
                                 .map_err(|message| located(at(&["auth", "password"]), message))?,
                         ),
                         AuthConfig::Bearer { token: reference } => Some(
-                            resolve_secret(reference, env)
+                            resolve_secret(reference, base, env)
                                 .map_err(|message| located(at(&["auth", "token"]), message))?,
                         ),
                     }
@@ -782,10 +799,9 @@ impl Config {
             };
             secrets.push(secret);
         }
-        let base = file.parent().unwrap_or(Path::new("."));
         let issuers = issuers(&config, text, &located)?;
         let key_span = span_at(text, &[Key::Name("deidentification"), Key::Name("key")]);
-        let key = resolve_secret(&config.deidentification.key, env)
+        let key = resolve_secret(&config.deidentification.key, base, env)
             .map_err(|message| located(key_span.clone(), message))?;
         let pseudonym_key = MasterKey::new(key.expose().as_bytes())
             .map_err(|error| located(key_span, error.to_string()))?;
@@ -823,7 +839,7 @@ fn audit_settings(
         }
         StoreLocation::Sqlite(base.join(path))
     } else if store.starts_with("${") {
-        let url = resolve_secret(&SecretRef(store.to_owned()), env)
+        let url = resolve_secret(&SecretRef(store.to_owned()), base, env)
             .map_err(|message| located(at("store"), message))?;
         if !postgres(url.expose()) {
             return Err(located(
@@ -852,7 +868,7 @@ fn audit_settings(
             "store must be sqlite:PATH or a postgres:// URL".into(),
         ));
     };
-    let pem = resolve_secret(&section.checkpoint_key, env)
+    let pem = resolve_secret(&section.checkpoint_key, base, env)
         .map_err(|message| located(at("checkpoint_key"), message))?;
     use ed25519_dalek::pkcs8::DecodePrivateKey as _;
     let signing_key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.expose().trim()).map_err(|_| {
@@ -1109,8 +1125,13 @@ fn policy_error(error: meshgate_policies::PolicyError) -> ConfigError {
     }
 }
 
-/// Expands one `${env:NAME}` or `${file:PATH}` reference.
-fn resolve_secret(reference: &SecretRef, env: &dyn Environment) -> Result<Secret, String> {
+/// Expands one `${env:NAME}` or `${file:PATH}` reference; a relative PATH
+/// is relative to the configuration file's folder (`base`).
+fn resolve_secret(
+    reference: &SecretRef,
+    base: &Path,
+    env: &dyn Environment,
+) -> Result<Secret, String> {
     let text = reference.0.trim();
     let inner = text
         .strip_prefix("${")
@@ -1125,12 +1146,59 @@ fn resolve_secret(reference: &SecretRef, env: &dyn Environment) -> Result<Secret
             .map(Secret::new)
             .ok_or_else(|| format!("environment variable {name} is not set"))
     } else if let Some(path) = inner.strip_prefix("file:") {
-        env.read_file(Path::new(path))
+        env.read_file(&base.join(path))
             .map(|value| Secret::new(value.trim_end_matches(['\n', '\r'])))
             .map_err(|error| format!("cannot read credential file {path}: {}", error.kind()))
     } else {
         Err("credential references are ${env:NAME} or ${file:PATH}".to_owned())
     }
+}
+
+/// Adds the nearest expected name to serde's "unknown field `partner`,
+/// expected one of `listen`, …, `partners`" ("did you mean `partners`?").
+fn suggest(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_owned();
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (edit_distance(unknown, name), name))
+        .min();
+    match nearest {
+        Some((distance, name)) if distance <= unknown.len().max(2) / 2 => {
+            format!("{message}; did you mean `{name}`?")
+        }
+        _ => message.to_owned(),
+    }
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row.first().copied().unwrap_or_default();
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let above = row.get(j + 1).copied().unwrap_or_default();
+            let left = row.get(j).copied().unwrap_or_default();
+            let best = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(left + 1);
+            diagonal = above;
+            if let Some(cell) = row.get_mut(j + 1) {
+                *cell = best;
+            }
+        }
+    }
+    row.last().copied().unwrap_or_default()
 }
 
 /// `+HH:MM` / `-HH:MM` / `Z`.
@@ -1403,6 +1471,46 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
         let error = weak.unwrap_err();
         assert!(error.to_string().contains("at least 32 bytes"), "{error}");
         assert!(!error.to_string().contains("short"), "{error}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_configuration_file_from_any_working_directory() {
+        let text = GOOD
+            .replace("${env:PSEUDONYM_KEY}", "${file:secrets/pseudonym.key}")
+            .replace("path = \"/data/north\"", "path = \"data/north\"");
+        let env = env_with(&[
+            ("SOUTH_PASSWORD", "x"),
+            (
+                "file:/etc/meshgate/secrets/pseudonym.key",
+                "a pseudonymisation key of 32 bytes or more",
+            ),
+        ]);
+        let loaded =
+            Config::from_toml(&text, Path::new("/etc/meshgate/meshgate.toml"), &env).unwrap();
+        let ConnectorConfig::Files { path, .. } = &loaded.config.partners[0].connector else {
+            panic!("north is a files partner");
+        };
+        assert_eq!(path, Path::new("/etc/meshgate/data/north"));
+        // The same file read from elsewhere resolves elsewhere: not found.
+        let error =
+            Config::from_toml(&text, Path::new("/srv/other/meshgate.toml"), &env).unwrap_err();
+        assert!(error.message.contains("secrets/pseudonym.key"), "{error}");
+    }
+
+    #[test]
+    fn a_misspelt_table_is_named_with_the_expected_name() {
+        let env = env_with(&[("SOUTH_PASSWORD", "x")]);
+        let error = load(&GOOD.replacen("[[partners]]", "[[partner]]", 1), &env).unwrap_err();
+        assert!(error.message.contains("unknown field `partner`"), "{error}");
+        assert!(
+            error.message.contains("did you mean `partners`?"),
+            "{error}"
+        );
+        let error = load(&GOOD.replacen("[auth]", "[authentication]", 1), &env).unwrap_err();
+        assert!(
+            !error.message.contains("did you mean `partners`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -156,6 +156,18 @@ pub fn prepare(
         }
         std::fs::write(path, text).map_err(|e| DemoError::Io(path.to_owned(), e))
     };
+    // Keys are readable by their owner only.
+    let write_private = |path: &Path, text: &[u8]| -> Result<(), DemoError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut file| file.write_all(text))
+            .map_err(|e| DemoError::Io(path.to_owned(), e))
+    };
     for (name, text) in EXAMPLE_POLICIES {
         write(&data.join("policies").join(name), text.as_bytes())?;
     }
@@ -164,11 +176,11 @@ pub fn prepare(
         let mut key = [0_u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        write(&key_file, hex.as_bytes())?;
+        write_private(&key_file, hex.as_bytes())?;
     }
     let checkpoint_key = data.join("audit-checkpoint-key.pem");
     if !checkpoint_key.exists() {
-        write(
+        write_private(
             &checkpoint_key,
             crate::audit::new_checkpoint_key_pem()?.as_bytes(),
         )?;
@@ -186,8 +198,9 @@ pub fn prepare(
          [server]\nprofile = \"development\"   # introspection on, for GraphiQL\n",
         issuer = quoted(issuer.issuer.clone()),
         jwks = quoted(issuer.jwks_url.clone()),
-        key = quoted(format!("${{file:{}}}", key_file.display())),
-        checkpoint_key = quoted(format!("${{file:{}}}", checkpoint_key.display())),
+        // Paths are relative to the configuration file, which lives in `data`.
+        key = quoted("${file:pseudonym.key}".to_owned()),
+        checkpoint_key = quoted("${file:audit-checkpoint-key.pem}".to_owned()),
         institutions = DEMO_PARTNERS
             .iter()
             .map(|p| p.institution)
@@ -223,7 +236,7 @@ pub fn prepare(
             institution = partner.institution,
             offset = partner.utc_offset,
             data_use = partner.data_use,
-            path = quoted(dir.join(DICOM_DIR).display().to_string()),
+            path = quoted(format!("{}/{DICOM_DIR}", partner.id)),
         );
     }
     let file = data.join("meshgate.toml");

@@ -160,8 +160,10 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
                 "--studies",
                 "40",
                 "--data",
+                "demo-data",
             ])
-            .arg(dir.path())
+            // As a new user runs it: a data folder relative to where they are.
+            .current_dir(dir.path())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -188,7 +190,13 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
         .unwrap()
         .to_owned();
     for partner in ["north", "south", "east"] {
-        assert!(dir.path().join(partner).join("manifest.jsonl").exists());
+        assert!(
+            dir.path()
+                .join("demo-data")
+                .join(partner)
+                .join("manifest.jsonl")
+                .exists()
+        );
     }
 
     // The sample query the demo prints, over plain HTTP/1.1.
@@ -244,11 +252,35 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
         "SIGTERM drains and exits 0"
     );
 
+    // Its configuration means the same from any working directory.
+    let data = dir.path().join("demo-data");
+    let output = meshgate()
+        .args(["audit", "verify", "--config"])
+        .arg(data.join("meshgate.toml"))
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Its keys are its owner's alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    for key in ["pseudonym.key", "audit-checkpoint-key.pem"] {
+        let mode = std::fs::metadata(data.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+
     // The example policy cases pass against the demo's configuration.
     let cases = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/cases");
     let output = meshgate()
         .args(["policy", "test", "--config"])
-        .arg(dir.path().join("meshgate.toml"))
+        .arg(data.join("meshgate.toml"))
         .arg(&cases)
         .output()
         .unwrap();
@@ -265,7 +297,7 @@ fn demo_synthesises_three_partners_answers_the_sample_query_and_stops_cleanly_on
     .unwrap();
     let output = meshgate()
         .args(["policy", "test", "--config"])
-        .arg(dir.path().join("meshgate.toml"))
+        .arg(data.join("meshgate.toml"))
         .arg(&wrong)
         .output()
         .unwrap();

@@ -295,6 +295,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[derive(Debug)]
 pub struct TcpProxy {
     pub address: SocketAddr,
+    upstream: Arc<std::sync::Mutex<SocketAddr>>,
     sent: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
@@ -306,6 +307,8 @@ impl TcpProxy {
         let address = listener.local_addr().unwrap();
         let sent = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
+        let target = Arc::new(std::sync::Mutex::new(upstream));
+        let upstream_now = Arc::clone(&target);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let counter = Arc::clone(&sent);
         let request_counter = Arc::clone(&requests);
@@ -320,6 +323,7 @@ impl TcpProxy {
                 };
                 let counter = Arc::clone(&counter);
                 let request_counter = Arc::clone(&request_counter);
+                let upstream = *upstream_now.lock().unwrap();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
@@ -355,6 +359,7 @@ impl TcpProxy {
         });
         TcpProxy {
             address,
+            upstream: target,
             sent,
             requests,
             _stop: stop,
@@ -364,6 +369,12 @@ impl TcpProxy {
     /// Bytes clients have sent upstream so far.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Sends new connections to `upstream` from now on (a partner moved or
+    /// came back).
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
     }
 
     /// HTTP GET requests clients have sent upstream so far.

@@ -336,3 +336,38 @@ async fn misbehaving_partners_get_their_codes_trip_their_breakers_and_are_called
     let recovered: Vec<u32> = hostile.iter().map(HostilePartner::connections).collect();
     assert!(recovered.iter().zip(&after).all(|(now, then)| now > then));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_unreachable_at_start_up_is_probed_again_when_it_comes_back() {
+    // The partner's address answers nothing while the gateway starts.
+    let nowhere: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TcpProxy::start(nowhere, Duration::ZERO).await;
+    let gateway = Gateway::start(&dicomweb_partner("late", &proxy.url(), 5_000, None)).await;
+    let measured = async || {
+        let data = gateway
+            .query("{ partners { id capabilities { measured } } }", json!({}))
+            .await;
+        data["partners"][0]["capabilities"]["measured"].as_bool()
+    };
+    assert_eq!(
+        measured().await,
+        Some(false),
+        "declared until it can be probed"
+    );
+
+    let mut orthanc = Orthanc::start("late").await;
+    orthanc.load(&SyntheticPartner::new("late", 5, 9)).await;
+    proxy.set_upstream(format!("127.0.0.1:{}", orthanc.port).parse().unwrap());
+    let started = Instant::now();
+    while measured().await != Some(true) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the partner was not probed again after it came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    orthanc.stop();
+}
