@@ -3,7 +3,9 @@
 //!
 //! Three partners of 300 synthetic studies each (files connectors, so the
 //! partners themselves cost little and the gateway's own work shows). The
-//! query: a cohort count and the first page of 20 studies with FHIR.
+//! query: a cohort count and the first page of 20 studies with FHIR, for
+//! CT or MR since 2010 (a date range: de-identifying partners evaluate it on
+//! the shifted dates they release).
 //! - baseline: the GraphQL schema executed in process for a caller already
 //!   known, under a permit-all policy that releases identified records (the
 //!   gateway has no policy-free mode);
@@ -33,8 +35,8 @@ use serde_json::json;
 use tower::ServiceExt;
 
 const QUERY: &str = r#"{
-  cohortCount(project: "lung-cancer", filter: {modalities: [CT, MR]}) { total partners { partner count } }
-  imagingStudies(project: "lung-cancer", first: 20, filter: {modalities: [CT, MR]}) {
+  cohortCount(project: "lung-cancer", filter: {modalities: [CT, MR], studyDate: {from: "2010-01-01"}}) { total partners { partner count } }
+  imagingStudies(project: "lung-cancer", first: 20, filter: {modalities: [CT, MR], studyDate: {from: "2010-01-01"}}) {
     nodes { studyInstanceUid started patient { reference age } fhir }
     partners { partner status count }
   }

@@ -204,3 +204,38 @@ fn administration_is_decided_by_the_consortium_alone_and_denied_by_default() {
     assert!(!authorizer.allows(&researcher(), AdminAction::ViewAudit, "north", NOW));
     assert!(!authorizer.allows(&governance, AdminAction::ApproveConnector, "north", NOW));
 }
+
+#[test]
+fn a_partner_releases_records_for_one_project_counts_for_others_and_nothing_for_commercial_ones() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/project-specific.cedar"),
+    )
+    .unwrap();
+    let mut config = config(CONSORTIUM, &text);
+    config.projects = ["lung-cancer", "cohort-b", "pharma"]
+        .into_iter()
+        .map(|id| ProjectFacts {
+            id: id.into(),
+            purposes: vec!["DUO:0000006".into()],
+            commercial: id == "pharma",
+            ethics_approved: true,
+        })
+        .collect();
+    let authorizer = Authorizer::new(&config).unwrap();
+    let mut researcher = researcher();
+    researcher.projects = vec!["lung-cancer".into(), "cohort-b".into(), "pharma".into()];
+    let decide = |project: &str| authorizer.decide(&researcher, project, "north", NOW);
+    let dates = Profile::parse("basic retain-longitudinal-modified-dates").unwrap();
+    assert_eq!(
+        decide("lung-cancer"),
+        Disclosure::Deidentified(dates.clone())
+    );
+    assert_eq!(decide("cohort-b"), Disclosure::CountsOnly(dates));
+    let Disclosure::Denied { reasons } = decide("pharma") else {
+        panic!("commercial projects are refused");
+    };
+    assert_eq!(
+        reasons,
+        ["north does not take part in commercial projects such as pharma"]
+    );
+}
