@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Cohort query over three Orthanc partners: meshgate versus a researcher's script.
+"""Cohort queries over three Orthanc partners: meshgate versus a researcher's script.
 
 Synthesises three partners (default 2,000 studies each), loads each into its
 own Orthanc with the DICOMweb plugin, starts the release `meshgate serve` in
-front of them, and times the demo's cohort question — CT or MR studies of the
-chest between 2018 and 2022 — two ways in the same run:
+front of them, and times, interleaved in the same run:
 
-  meshgate   cohortCount, and imagingStudies(first: 20) with FHIR and series;
-  baseline   what a researcher would script without meshgate: each partner's
-             QIDO-RS in turn (series-level search for the count, then series
-             and instances of the 20 newest matching studies).
+  counts     all studies; CT; MR 2018-2022; CT of the chest; women aged
+             50-70; one study by UID. meshgate's cohortCount against the best
+             sequential script for each: one QIDO-RS search per partner in
+             turn, at study level (ModalitiesInStudy, StudyDate, PatientSex,
+             StudyInstanceUID) or, for body part, at series level.
+  page       imagingStudies(first: 500) with FHIR series and instances,
+             against a script that lists the studies and fetches their series
+             and instances with UID-list queries (50 UIDs each).
 
 meshgate runs with its cache off, so every run asks the partners; a second
 gateway with the cache on times the same questions asked again (answered
@@ -42,8 +45,6 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PARTNERS = [("north", 11), ("south", 22), ("east", 33)]
-FILTER = {"modalities": ["CT", "MR"], "bodyPart": "CHEST",
-          "studyDate": {"from": "2018-01-01", "to": "2022-12-31"}}
 
 
 def free_port():
@@ -201,7 +202,8 @@ def main():
         (work / "checkpoint.pem").write_text(
             subprocess.run([binary, "audit", "keygen"], check=True, capture_output=True, text=True).stdout)
         text = ('listen = "127.0.0.1:0"\n\n[auth]\n[[auth.issuers]]\n'
-                f'issuer = "{issued["issuer"]}"\naudiences = ["meshgate"]\njwks_url = "{issued["jwks_url"]}"\n\n'
+                f'issuer = "{issued["issuer"]}"\naudiences = ["meshgate"]\njwks_url = "{issued["jwks_url"]}"\n'
+                'trusted_for = { roles = ["*"], projects = ["*"] }\n\n'
                 '[policies]\nconsortium = ["allow.cedar"]\n\n'
                 f'[deidentification]\nkey = "${{file:{work / "pseudonym.key"}}}"\n\n'
                 f'[audit]\nstore = "sqlite:audit.db"\ncheckpoint_key = "${{file:{work / "checkpoint.pem"}}}"\n\n'
@@ -222,8 +224,9 @@ def main():
             line = gateway.stdout.readline()
             endpoints[mode] = "http://" + line.split("http://")[1].split()[0]
 
-        def gql(query, mode="uncached"):
-            req = urllib.request.Request(endpoints[mode], data=json.dumps({"query": query, "variables": {"f": FILTER}}).encode(),
+        def gql(query, mode="uncached", flt=None):
+            req = urllib.request.Request(endpoints[mode],
+                                         data=json.dumps({"query": query, "variables": {"f": flt or {}}}).encode(),
                                          headers={"content-type": "application/json",
                                                   "authorization": f"Bearer {token}"})
             with urllib.request.urlopen(req) as r:
@@ -232,61 +235,108 @@ def main():
                 raise SystemExit(body["errors"])
             return body["data"]
 
-        def meshgate_count(mode="uncached"):
-            return gql("query($f: StudyFilter){ cohortCount(project: \"bench\", filter: $f) { total complete } }",
-                       mode)["cohortCount"]["total"]
+        def meshgate_count(flt, mode="uncached"):
+            data = gql("query($f: StudyFilter){ cohortCount(project: \"bench\", filter: $f) { total complete } }",
+                       mode, flt)["cohortCount"]
+            if not data["complete"]:
+                raise SystemExit(f"incomplete count for {flt}")
+            return data["total"]
 
+        def qido(name, path):
+            return get_json(f"http://127.0.0.1:{ports[name]}/dicom-web/{path}")
+
+        def text(row, tag):
+            return row.get(tag, {}).get("Value", [""])[0]
+
+        def age(row):
+            born, on = text(row, "00100030"), text(row, "00080020")
+            if len(born) != 8 or len(on) != 8:
+                return None
+            years = int(on[:4]) - int(born[:4])
+            return years - 1 if on[4:] < born[4:] else years
+
+        # The best sequential script for each cohort: one QIDO-RS search per
+        # partner, in turn, at the level that answers it.
+        def studies_where(query, keep=lambda row: True):
+            def run():
+                found = set()
+                for name, _ in PARTNERS:
+                    found |= {(name, text(r, "0020000D")) for r in qido(name, f"studies?{query}") if keep(r)}
+                return len(found)
+            return run
+
+        def series_where(query):
+            def run():
+                found = set()
+                for name, _ in PARTNERS:
+                    found |= {(name, text(r, "0020000D"))
+                              for r in qido(name, f"series?{query}&includefield=0020000D")}
+                return len(found)
+            return run
+
+        one_uid = text(qido("south", "studies?limit=1&offset=7"), "0020000D")
+        cohorts = [
+            ("all", {}, studies_where("includefield=00080020")),
+            ("CT", {"modalities": ["CT"]}, studies_where("ModalitiesInStudy=CT")),
+            ("MR 2018-2022", {"modalities": ["MR"], "studyDate": {"from": "2018-01-01", "to": "2022-12-31"}},
+             studies_where("ModalitiesInStudy=MR&StudyDate=20180101-20221231")),
+            ("CT chest", {"modalities": ["CT"], "bodyPart": "CHEST"},
+             series_where("Modality=CT&BodyPartExamined=CHEST")),
+            ("women 50-70", {"patientSex": "FEMALE", "patientAge": {"min": 50, "max": 70}},
+             studies_where("PatientSex=F&includefield=00100030,00080020",
+                           lambda r: (a := age(r)) is not None and 50 <= a <= 70)),
+            ("one UID", {"studyInstanceUids": [one_uid]}, studies_where(f"StudyInstanceUID={one_uid}")),
+        ]
+
+        # A page of 500 with series and instances: meshgate, and a script
+        # that lists the studies and fetches their series and instances
+        # with UID-list queries (50 UIDs each), partner by partner.
         def meshgate_page(mode="uncached"):
-            data = gql("query($f: StudyFilter){ imagingStudies(project: \"bench\", filter: $f, first: 20) "
-                       "{ nodes { studyInstanceUid fhir } totalCount } }", mode)["imagingStudies"]
-            return data["totalCount"], len(data["nodes"])
-
-        def baseline_matches():
-            found = []
-            for name, _ in PARTNERS:
-                base = f"http://127.0.0.1:{ports[name]}/dicom-web"
-                series = get_json(f"{base}/series?BodyPartExamined=CHEST&Modality=CT,MR"
-                                  f"&StudyDate=20180101-20221231&includefield=0020000D,00080020,00080030")
-                studies = {}
-                for s in series:
-                    uid = s["0020000D"]["Value"][0]
-                    when = s.get("00080020", {}).get("Value", [""])[0] + s.get("00080030", {}).get("Value", [""])[0]
-                    studies[uid] = (when, name)
-                found += [(when, name, uid) for uid, (when, name) in studies.items()]
-            return found
-
-        def baseline_count():
-            return len(baseline_matches())
+            data = gql("query($f: StudyFilter){ imagingStudies(project: \"bench\", filter: $f, first: 500) "
+                       "{ nodes { studyInstanceUid fhir } partners { status } } }", mode, {})["imagingStudies"]
+            if any(p["status"] != "OK" for p in data["partners"]):
+                raise SystemExit(f"page of 500: {data['partners']}")
+            return sum(len(n["fhir"].get("series", [])) for n in data["nodes"])
 
         def baseline_page():
-            found = sorted(baseline_matches(), key=lambda x: (-int(x[0][:14] or 0), x[1], x[2]))
-            for _, name, uid in found[:20]:
-                base = f"http://127.0.0.1:{ports[name]}/dicom-web"
-                get_json(f"{base}/studies/{uid}/series")
-                get_json(f"{base}/studies/{uid}/instances")
-            return len(found), min(20, len(found))
+            found = []
+            for name, _ in PARTNERS:
+                for r in qido(name, "studies?includefield=00080020,00080030"):
+                    found.append((text(r, "00080020") + text(r, "00080030"), name, text(r, "0020000D")))
+            found.sort(key=lambda x: (-int(x[0][:14] or 0), x[1], x[2]))
+            series = 0
+            for name, _ in PARTNERS:
+                uids = [uid for _, n, uid in found[:500] if n == name]
+                for i in range(0, len(uids), 50):
+                    chunk = ",".join(uids[i:i + 50])
+                    series += len(qido(name, f"series?StudyInstanceUID={chunk}"))
+                    qido(name, f"instances?StudyInstanceUID={chunk}&includefield=0020000E")
+            return series
 
         for mode in endpoints:
             gql("{ partners { id } }", mode)  # warm up connections
-        results = {}
-        for label, fn in [("count: meshgate", meshgate_count), ("count: baseline", baseline_count),
-                          ("count: cached", lambda: meshgate_count("cached")),
-                          ("page of 20: meshgate", meshgate_page), ("page of 20: baseline", baseline_page),
-                          ("page of 20: cached", lambda: meshgate_page("cached"))]:
-            fn()
-            results[label] = timed(fn, args.runs)
-        mc, bc = results["count: meshgate"][2], results["count: baseline"][2]
-        mp, bp = results["page of 20: meshgate"][2], results["page of 20: baseline"][2]
-        if mc != bc or mp[0] != bp[0]:
-            raise SystemExit(f"answers differ: meshgate {mc}/{mp}, baseline {bc}/{bp}")
-        print(f"cohort: CT or MR, CHEST, 2018-2022 over 3 Orthanc partners x {args.studies} studies "
-              f"-> {mc} studies; partner RTT +{args.latency_ms:g} ms; {args.runs} runs each, median (max) ms")
-        for label, (median, worst, _) in results.items():
-            print(f"  {label:<22} {median:8.1f} ({worst:.1f})")
-        for what in ["count", "page of 20"]:
-            ratio = results[f"{what}: meshgate"][0] / results[f"{what}: baseline"][0]
-            cached = results[f"{what}: cached"][0] / results[f"{what}: baseline"][0]
-            print(f"  ratio meshgate/baseline, {what}: {ratio:.2f} (cache off), {cached:.3f} (asked again, cached)")
+        print(f"3 Orthanc partners x {args.studies} studies; partner RTT +{args.latency_ms:g} ms; "
+              f"{args.runs} runs each, interleaved; median ms (ratio meshgate/script, lower is better)")
+        for label, flt, script in cohorts:
+            mesh, base = [], []
+            for _ in range(args.runs):
+                t = time.perf_counter(); mc = meshgate_count(flt); mesh.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter(); bc = script(); base.append((time.perf_counter() - t) * 1000)
+                if mc != bc:
+                    raise SystemExit(f"{label}: meshgate counted {mc}, the script {bc}")
+            m, b = statistics.median(mesh), statistics.median(base)
+            cached = timed(lambda: meshgate_count(flt, "cached"), args.runs)[0]
+            print(f"  count {label:<14} {mc:5d} studies: meshgate {m:7.1f}  script {b:7.1f}  ratio {m / b:.2f}"
+                  f"  (cached {cached:.1f})")
+        mesh, base = [], []
+        for _ in range(max(3, args.runs // 3)):
+            t = time.perf_counter(); ms = meshgate_page(); mesh.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter(); bs = baseline_page(); base.append((time.perf_counter() - t) * 1000)
+            if ms != bs:
+                raise SystemExit(f"page of 500: meshgate {ms} series, the script {bs}")
+        m, b = statistics.median(mesh), statistics.median(base)
+        print(f"  page of 500 with series and instances ({ms} series): meshgate {m:7.1f}  script {b:7.1f}"
+              f"  ratio {m / b:.2f}")
     finally:
         for proc in procs:
             proc.kill()

@@ -187,3 +187,51 @@ async fn pushed_down_filters_find_exactly_what_local_filtering_of_the_whole_arch
         println!("{profile:?}: {checked} filter values, {nonempty} with matches, all exact");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_by_study_uid_is_one_request_and_finds_the_study() {
+    let partner = meshgate_tests::OrthancPartner::start("lookup", 12, 5).await;
+    let connector = DicomWebConnector::new(DicomWebSettings {
+        base_url: Url::parse(&partner.proxy.url()).unwrap(),
+        profile: Profile::Orthanc,
+        auth: Auth::None,
+        page_size: None,
+        detail_concurrency: 4,
+        max_results: None,
+    })
+    .unwrap();
+    connector.check().await.unwrap();
+    let wanted: Vec<String> = partner
+        .data
+        .manifest
+        .iter()
+        .take(3)
+        .map(|row| row.study_uid.clone())
+        .collect();
+    for uids in [&wanted[..1], &wanted[..]] {
+        let before = partner.proxy.requests();
+        let found = connector
+            .search(&query(StudyFilter {
+                study_instance_uids: Some(uids.to_vec()),
+                ..StudyFilter::default()
+            }))
+            .await
+            .unwrap();
+        assert_eq!(
+            uids.iter().cloned().collect::<BTreeSet<_>>(),
+            self::uids(&found.studies)
+        );
+        assert_eq!(partner.proxy.requests() - before, 1, "{} UIDs", uids.len());
+    }
+    // A UID the archive lacks still ends on an empty page, as any search.
+    let before = partner.proxy.requests();
+    let none = connector
+        .search(&query(StudyFilter {
+            study_instance_uids: Some(vec!["2.25.12345".into()]),
+            ..StudyFilter::default()
+        }))
+        .await
+        .unwrap();
+    assert!(none.studies.is_empty());
+    assert_eq!(partner.proxy.requests() - before, 1);
+}

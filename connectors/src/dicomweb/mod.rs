@@ -212,6 +212,17 @@ impl DicomWebConnector {
         let mut offset: u32 = 0;
         let mut repeated_pages = 0;
         let cap = self.max_results();
+        // A study-level search by study UIDs matches no more studies than
+        // it names: once all are in hand there is nothing left to page for
+        // (a UID lookup is one request, not one and an empty page).
+        let named = (path == "studies")
+            .then(|| {
+                params
+                    .iter()
+                    .find(|(name, _)| name == "StudyInstanceUID")
+                    .map(|(_, uids)| uids.split(',').count())
+            })
+            .flatten();
         loop {
             let limit = match cap {
                 Some(cap) if offset >= cap => return Ok((rows, true)),
@@ -235,6 +246,9 @@ impl DicomWebConnector {
                 {
                     rows.push(row);
                 }
+            }
+            if named.is_some_and(|n| rows.len() >= n) {
+                return Ok((rows, false));
             }
             if !self.offset_pages() {
                 // Measured: the backend ignores `offset`, so one page is all
