@@ -274,7 +274,7 @@ def main():
                 return len(found)
             return run
 
-        one_uid = text(qido("south", "studies?limit=1&offset=7"), "0020000D")
+        one_uid = text(qido("south", "studies?limit=1&offset=7")[0], "0020000D")
         cohorts = [
             ("all", {}, studies_where("includefield=00080020")),
             ("CT", {"modalities": ["CT"]}, studies_where("ModalitiesInStudy=CT")),
