@@ -112,9 +112,14 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
                 tracing::warn!(
                     partner = %check.partner.id,
                     code = failure.code(),
-                    "partner could not be checked; using its profile's assumed capabilities until it can"
+                    "partner could not be checked; using its profile's assumed capabilities"
                 );
-                tokio::spawn(recheck(Arc::downgrade(&check.partner)));
+                // One that did not answer at all is probed again until it
+                // does; one that answered (refused credentials, throttled)
+                // needs its operator, not more requests.
+                if !check.reachable() {
+                    tokio::spawn(recheck(Arc::downgrade(&check.partner)));
+                }
             }
         }
     }
@@ -139,7 +144,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
 pub const RECHECK_FIRST_PAUSE: Duration = Duration::from_secs(2);
 pub const RECHECK_MAX_PAUSE: Duration = Duration::from_secs(300);
 
-/// Probes a partner that could not be checked at start-up again, with
+/// Probes a partner that could not be reached at start-up again, with
 /// growing pauses, until it answers: a partner that comes back gets its
 /// measured capabilities without a restart. Ends with the gateway.
 async fn recheck(partner: std::sync::Weak<Partner>) {
