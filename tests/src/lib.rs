@@ -86,45 +86,42 @@ impl SyntheticPartner {
         self.dir.path().join(DICOM_DIR)
     }
 
+    /// Every DICOM file the partner holds, in path order.
+    pub fn dicom_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        collect_files(&self.dicom_dir(), &mut files);
+        files.sort();
+        files
+    }
+
     /// Every identifying value in the partner's DICOM files, read from the
     /// files themselves: patient names, IDs, birth dates (as DICOM and ISO
     /// dates), accession numbers, and study, series and SOP instance UIDs.
     pub fn identifiers(&self) -> Vec<String> {
         use dicom_dictionary_std::tags;
         let mut found = std::collections::BTreeSet::new();
-        let mut folders = vec![self.dicom_dir()];
-        while let Some(folder) = folders.pop() {
-            for entry in std::fs::read_dir(&folder).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    folders.push(path);
-                    continue;
+        for path in self.dicom_files() {
+            let object = dicom_object::OpenFileOptions::new()
+                .read_until(tags::PIXEL_DATA)
+                .open_file(&path)
+                .unwrap();
+            for tag in [
+                tags::PATIENT_NAME,
+                tags::PATIENT_ID,
+                tags::PATIENT_BIRTH_DATE,
+                tags::ACCESSION_NUMBER,
+                tags::STUDY_INSTANCE_UID,
+                tags::SERIES_INSTANCE_UID,
+                tags::SOP_INSTANCE_UID,
+            ] {
+                let value = object.element(tag).unwrap().to_str().unwrap();
+                let value = value.trim_end_matches(['\0', ' ']).to_owned();
+                // The ISO form only for births before 2000: later ones
+                // could equal a (shifted) study date, which may be shown.
+                if tag == tags::PATIENT_BIRTH_DATE && value.len() == 8 && value.as_str() < "2000" {
+                    found.insert(format!("{}-{}-{}", &value[..4], &value[4..6], &value[6..]));
                 }
-                let object = dicom_object::OpenFileOptions::new()
-                    .read_until(tags::PIXEL_DATA)
-                    .open_file(&path)
-                    .unwrap();
-                for tag in [
-                    tags::PATIENT_NAME,
-                    tags::PATIENT_ID,
-                    tags::PATIENT_BIRTH_DATE,
-                    tags::ACCESSION_NUMBER,
-                    tags::STUDY_INSTANCE_UID,
-                    tags::SERIES_INSTANCE_UID,
-                    tags::SOP_INSTANCE_UID,
-                ] {
-                    let value = object.element(tag).unwrap().to_str().unwrap();
-                    let value = value.trim_end_matches(['\0', ' ']).to_owned();
-                    // The ISO form only for births before 2000: later ones
-                    // could equal a (shifted) study date, which may be shown.
-                    if tag == tags::PATIENT_BIRTH_DATE
-                        && value.len() == 8
-                        && value.as_str() < "2000"
-                    {
-                        found.insert(format!("{}-{}-{}", &value[..4], &value[4..6], &value[6..]));
-                    }
-                    found.insert(value);
-                }
+                found.insert(value);
             }
         }
         found.into_iter().filter(|v| !v.is_empty()).collect()
@@ -233,8 +230,7 @@ impl Orthanc {
 
     /// Uploads every DICOM file of a partner through Orthanc's REST API.
     pub async fn load(&self, partner: &SyntheticPartner) {
-        let mut files = Vec::new();
-        collect_files(&partner.dicom_dir(), &mut files);
+        let files = partner.dicom_files();
         let client = reqwest::Client::new();
         let url = format!("{}/instances", self.url());
         let uploads = files.into_iter().map(|path| {

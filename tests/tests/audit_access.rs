@@ -218,15 +218,18 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
     );
     validate_fhir("AuditEvent", &resources);
     // The researcher's export holds their own events only.
-    let mine = reqwest::Client::new()
-        .get(format!("{root}/audit/AuditEvent.ndjson"))
-        .bearer_auth(researcher)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = async |token: &str| {
+        reqwest::Client::new()
+            .get(format!("{root}/audit/AuditEvent.ndjson"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let mine = export(researcher).await;
     for line in mine.lines() {
         let event: Value = serde_json::from_str(line).unwrap();
         assert_eq!(
@@ -235,15 +238,7 @@ async fn audit_events_are_scoped_by_policy_and_export_as_valid_fhir_audit_events
         );
     }
     // North's admin's export holds only north's part of others' events.
-    let northern = reqwest::Client::new()
-        .get(format!("{root}/audit/AuditEvent.ndjson"))
-        .bearer_auth(north_admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let northern = export(north_admin).await;
     assert!(!northern.is_empty());
     assert!(!northern.contains("\"south\""), "{northern}");
     // Exporting was itself audited.

@@ -101,6 +101,21 @@ async fn all_pages(
     }
 }
 
+/// A researcher's token from the consortium's issuer.
+fn researcher(
+    gateway: &Gateway,
+    sub: &str,
+    institution: &str,
+    projects: &[&str],
+    permissions: &[&str],
+) -> String {
+    gateway.issuer.token(
+        &json!({"sub": sub, "institution": institution, "roles": ["researcher"],
+                "projects": projects, "permissions": permissions}),
+        std::time::Duration::from_secs(300),
+    )
+}
+
 fn status<'a>(statuses: &'a Value, partner: &str) -> &'a Value {
     statuses
         .as_array()
@@ -517,11 +532,7 @@ async fn counts_only_counts_are_the_same_for_the_same_studies_and_do_not_differe
 async fn no_caller_is_answered_from_or_told_of_another_callers_cached_answer() {
     let c = consortium().await;
     let token = |sub: &str, institution: &str, permissions: &[&str]| {
-        c.gateway.issuer.token(
-            &json!({"sub": sub, "institution": institution, "roles": ["researcher"],
-                    "projects": ["demo"], "permissions": permissions}),
-            std::time::Duration::from_secs(300),
-        )
+        researcher(&c.gateway, sub, institution, &["demo"], permissions)
     };
     // North's own staff with its grant read identified records; a researcher
     // elsewhere, and her colleague, get de-identified ones.
@@ -993,10 +1004,12 @@ async fn a_token_from_another_trusted_issuer_claiming_norths_staff_gets_no_more_
 async fn cursors_tampered_with_or_replayed_by_another_caller_or_in_another_project_are_refused() {
     let c = consortium().await;
     let token = |sub: &str, institution: &str, permissions: &[&str]| {
-        c.gateway.issuer.token(
-            &json!({"sub": sub, "institution": institution, "roles": ["researcher"],
-                    "projects": ["demo", "lung-cancer"], "permissions": permissions}),
-            std::time::Duration::from_secs(300),
+        researcher(
+            &c.gateway,
+            sub,
+            institution,
+            &["demo", "lung-cancer"],
+            permissions,
         )
     };
     let staff = token(

@@ -14,7 +14,6 @@
 )]
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -48,55 +47,61 @@ const BODY_PARTS: [Option<&str>; 6] = [
 
 /// Gives every study one of [`DESCRIPTIONS`] and every series one of
 /// [`BODY_PARTS`], as UTF-8.
-fn make_quirky(dir: &Path) {
+fn make_quirky(partner: &SyntheticPartner) {
     let mut studies: HashMap<String, usize> = HashMap::new();
     let mut series: HashMap<String, usize> = HashMap::new();
-    let mut folders = vec![dir.to_owned()];
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                folders.push(path);
-                continue;
+    for path in partner.dicom_files() {
+        let mut object = dicom_object::open_file(&path).unwrap();
+        let text = |tag| {
+            object
+                .element(tag)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches(['\0', ' '])
+                .to_owned()
+        };
+        let (study, one) = (
+            text(tags::STUDY_INSTANCE_UID),
+            text(tags::SERIES_INSTANCE_UID),
+        );
+        let next = studies.len();
+        let description = DESCRIPTIONS[*studies.entry(study).or_insert(next) % DESCRIPTIONS.len()];
+        let next = series.len();
+        let part = BODY_PARTS[*series.entry(one).or_insert(next) % BODY_PARTS.len()];
+        let put = |object: &mut dicom_object::DefaultDicomObject, tag, vr, value: &str| {
+            object.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
+        };
+        put(
+            &mut object,
+            tags::SPECIFIC_CHARACTER_SET,
+            VR::CS,
+            "ISO_IR 192",
+        );
+        put(&mut object, tags::STUDY_DESCRIPTION, VR::LO, description);
+        match part {
+            Some(part) => put(&mut object, tags::BODY_PART_EXAMINED, VR::CS, part),
+            None => {
+                object.remove_element(tags::BODY_PART_EXAMINED);
             }
-            let mut object = dicom_object::open_file(&path).unwrap();
-            let text = |tag| {
-                object
-                    .element(tag)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .trim_end_matches(['\0', ' '])
-                    .to_owned()
-            };
-            let (study, one) = (
-                text(tags::STUDY_INSTANCE_UID),
-                text(tags::SERIES_INSTANCE_UID),
-            );
-            let next = studies.len();
-            let description =
-                DESCRIPTIONS[*studies.entry(study).or_insert(next) % DESCRIPTIONS.len()];
-            let next = series.len();
-            let part = BODY_PARTS[*series.entry(one).or_insert(next) % BODY_PARTS.len()];
-            let put = |object: &mut dicom_object::DefaultDicomObject, tag, vr, value: &str| {
-                object.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
-            };
-            put(
-                &mut object,
-                tags::SPECIFIC_CHARACTER_SET,
-                VR::CS,
-                "ISO_IR 192",
-            );
-            put(&mut object, tags::STUDY_DESCRIPTION, VR::LO, description);
-            match part {
-                Some(part) => put(&mut object, tags::BODY_PART_EXAMINED, VR::CS, part),
-                None => {
-                    object.remove_element(tags::BODY_PART_EXAMINED);
-                }
-            }
-            object.write_to_file(&path).unwrap();
         }
+        object.write_to_file(&path).unwrap();
     }
+}
+
+/// A connector to `url` under `profile`, probed as at start-up.
+async fn probed(url: &str, profile: Profile) -> DicomWebConnector {
+    let connector = DicomWebConnector::new(DicomWebSettings {
+        base_url: Url::parse(url).unwrap(),
+        profile,
+        auth: Auth::None,
+        page_size: None,
+        detail_concurrency: 4,
+        max_results: None,
+    })
+    .unwrap();
+    connector.check().await.unwrap();
+    connector
 }
 
 fn query(filter: StudyFilter) -> StudyQuery {
@@ -131,21 +136,12 @@ fn uids<'a>(studies: impl IntoIterator<Item = &'a Study>) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_down_filters_find_exactly_what_local_filtering_of_the_whole_archive_finds() {
     let partner = SyntheticPartner::new("quirky", 60, 21);
-    make_quirky(&partner.dicom_dir());
+    make_quirky(&partner);
     let orthanc = Orthanc::start("quirky").await;
     orthanc.load(&partner).await;
 
     for profile in [Profile::Orthanc, Profile::Generic] {
-        let connector = DicomWebConnector::new(DicomWebSettings {
-            base_url: Url::parse(&orthanc.dicomweb_url()).unwrap(),
-            profile,
-            auth: Auth::None,
-            page_size: None,
-            detail_concurrency: 4,
-            max_results: None,
-        })
-        .unwrap();
-        connector.check().await.unwrap();
+        let connector = probed(&orthanc.dicomweb_url(), profile).await;
         // The whole archive, with every series, filtered locally.
         let mut all = connector
             .search(&StudyQuery::default())
@@ -191,16 +187,7 @@ async fn pushed_down_filters_find_exactly_what_local_filtering_of_the_whole_arch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_by_study_uid_is_one_request_and_finds_the_study() {
     let partner = meshgate_tests::OrthancPartner::start("lookup", 12, 5).await;
-    let connector = DicomWebConnector::new(DicomWebSettings {
-        base_url: Url::parse(&partner.proxy.url()).unwrap(),
-        profile: Profile::Orthanc,
-        auth: Auth::None,
-        page_size: None,
-        detail_concurrency: 4,
-        max_results: None,
-    })
-    .unwrap();
-    connector.check().await.unwrap();
+    let connector = probed(&partner.proxy.url(), Profile::Orthanc).await;
     let wanted: Vec<String> = partner
         .data
         .manifest
