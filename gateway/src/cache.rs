@@ -56,7 +56,7 @@ pub struct CacheKey {
     /// study's UID.
     asked: String,
     project: String,
-    /// `IDENTIFIED`, `DEIDENTIFIED:<profile>` or `COUNTS_ONLY`.
+    /// The decision with its profile ([`Disclosure::label`]).
     decision: String,
 }
 
@@ -78,7 +78,7 @@ impl CacheKey {
             partner: partner.to_owned(),
             asked: serde_json::to_string(&query).unwrap_or_default(),
             project: project.to_owned(),
-            decision: decision(disclosure),
+            decision: disclosure.label(),
         }
     }
 
@@ -95,18 +95,8 @@ impl CacheKey {
             partner: partner.to_owned(),
             asked: study_uid.to_owned(),
             project: project.to_owned(),
-            decision: decision(disclosure),
+            decision: disclosure.label(),
         }
-    }
-}
-
-/// A decision as keys name it: the disclosure and its profile.
-pub(crate) fn decision(disclosure: &Disclosure) -> String {
-    match disclosure {
-        Disclosure::Identified => "IDENTIFIED".to_owned(),
-        Disclosure::Deidentified(profile) => format!("DEIDENTIFIED:{}", profile.name()),
-        Disclosure::CountsOnly(profile) => format!("COUNTS_ONLY:{}", profile.name()),
-        Disclosure::Denied { .. } => "DENIED".to_owned(),
     }
 }
 

@@ -18,7 +18,6 @@ use meshgate_schema::{Principal, QueryError, StudyQuery};
 use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
 use crate::audit::{AuditLog, Scope, Selection};
 use crate::budget::QueryBudgetUse;
-use crate::cache::decision;
 use crate::config::ServerProfile;
 use crate::cursor::{self, Binding, CursorError};
 use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
@@ -440,7 +439,7 @@ impl QueryRoot {
             grants
                 .partners
                 .iter()
-                .map(|(id, grant)| (id.clone(), decision(&grant.disclosure)))
+                .map(|(id, grant)| (id.clone(), grant.disclosure.label()))
                 .collect(),
         );
         let key = &services.pseudonym_key;

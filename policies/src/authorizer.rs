@@ -118,6 +118,15 @@ impl Disclosure {
         }
     }
 
+    /// The decision with its profile, e.g. `DEIDENTIFIED:basic+…`: what
+    /// keys a cached answer or binds a cursor to one decision.
+    pub fn label(&self) -> String {
+        match self.view() {
+            Some(profile) => format!("{}:{}", self.name(), profile.name()),
+            None => self.name().to_owned(),
+        }
+    }
+
     /// Whether study records (not only counts) may be returned.
     pub fn releases_records(&self) -> bool {
         matches!(self, Disclosure::Deidentified(_) | Disclosure::Identified)
