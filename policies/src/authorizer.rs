@@ -487,8 +487,14 @@ fn action_uid(action: &str) -> Result<EntityUid, String> {
     ))
 }
 
+/// A caller's entity id: issuer and subject (a line break between), so the
+/// same subject from two issuers is two users. Policies name a user by
+/// `principal.issuer` and `principal.subject`.
 fn user_uid(principal: &Principal) -> Result<EntityUid, String> {
-    uid("User", &principal.subject)
+    uid(
+        "User",
+        &format!("{}\n{}", principal.issuer, principal.subject),
+    )
 }
 
 fn strings(values: &[String]) -> RestrictedExpression {
@@ -520,6 +526,10 @@ fn user_entity(principal: &Principal) -> Result<Entity, String> {
         (
             "issuer".to_owned(),
             RestrictedExpression::new_string(principal.issuer.clone()),
+        ),
+        (
+            "subject".to_owned(),
+            RestrictedExpression::new_string(principal.subject.clone()),
         ),
     ]);
     let mut parents = HashSet::new();

@@ -239,3 +239,29 @@ fn a_partner_releases_records_for_one_project_counts_for_others_and_nothing_for_
         ["north does not take part in commercial projects such as pharma"]
     );
 }
+
+#[test]
+fn the_same_subject_from_another_issuer_is_another_user() {
+    let partner = r#"
+        permit (principal, action in Meshgate::Action::"QueryStudies", resource)
+        when { principal.issuer == "test" && principal.subject == "alice" };
+        permit (principal == Meshgate::User::"alice", action in Meshgate::Action::"QueryStudies", resource);
+    "#;
+    let authorizer = Authorizer::new(&config(CONSORTIUM, partner)).unwrap();
+    let alice = researcher();
+    assert!(matches!(
+        authorizer.decide(&alice, "p1", "north", NOW),
+        Disclosure::Deidentified(_)
+    ));
+    let impostor = Principal {
+        issuer: "another-issuer".into(),
+        ..researcher()
+    };
+    assert!(
+        matches!(
+            authorizer.decide(&impostor, "p1", "north", NOW),
+            Disclosure::Denied { .. }
+        ),
+        "a bare user id or a subject alone must not let another issuer's alice in"
+    );
+}
