@@ -155,6 +155,24 @@ async fn a_page_loads_series_in_bulk_and_only_when_its_selection_shows_them(c: &
         with,
         without
     );
+    // FHIR selected through a fragment still gets its series.
+    let (_, body) = c
+        .gateway
+        .post_as(
+            Some(&token("through-a-fragment")),
+            "query { imagingStudies(project: \"ground-truth\", first: 5) { nodes { ...Resource } } }
+             fragment Resource on ImagingStudy { ... on ImagingStudy { fhir } }",
+            json!({}),
+        )
+        .await;
+    let resources = body["data"]["imagingStudies"]["nodes"].as_array().unwrap();
+    assert_eq!(resources.len(), 5, "{body}");
+    assert!(
+        resources.iter().all(|n| n["fhir"]["series"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())),
+        "{body}"
+    );
     // Bulk-loaded series are each study's own.
     let rows: std::collections::HashMap<String, (u32, u32)> = c
         .truth
