@@ -78,7 +78,7 @@ pub enum Allowed {
 }
 
 impl Allowed {
-    pub fn from(values: &[String]) -> Allowed {
+    pub fn of(values: &[String]) -> Allowed {
         if values.iter().any(|v| v == "*") {
             Allowed::Any
         } else if values.is_empty() {

@@ -18,7 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use meshgate_schema::Caller;
 use serde::Deserialize;
+
+use crate::audit::rfc3339;
 
 /// A partner's `budget`: distinct questions per caller and project.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -48,10 +51,10 @@ impl BudgetConfig {
     }
 }
 
-/// Whose budget: the caller (issuer and subject), project and partner.
+/// Whose budget: the caller, project and partner.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct BudgetKey {
-    caller: String,
+    caller: Caller,
     project: String,
     partner: String,
 }
@@ -82,18 +85,6 @@ impl Exhausted {
     pub const CODE: &'static str = "QUERY_BUDGET_EXHAUSTED";
 }
 
-/// One caller's use of one partner's budget, as governance sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BudgetUse {
-    pub caller: String,
-    pub project: String,
-    pub partner: String,
-    pub used: u32,
-    pub limit: u32,
-    pub window_started: SystemTime,
-    pub window_ends: SystemTime,
-}
-
 /// One caller's use of one partner's query budget, for governance.
 #[derive(async_graphql::SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct QueryBudgetUse {
@@ -107,26 +98,6 @@ pub struct QueryBudgetUse {
     /// RFC 3339 (UTC).
     pub window_started: String,
     pub window_ends: String,
-}
-
-impl From<BudgetUse> for QueryBudgetUse {
-    fn from(usage: BudgetUse) -> QueryBudgetUse {
-        let (issuer, subject) = usage
-            .caller
-            .split_once('\n')
-            .map(|(i, s)| (i.to_owned(), s.to_owned()))
-            .unwrap_or_default();
-        QueryBudgetUse {
-            issuer,
-            subject,
-            project: usage.project,
-            partner: usage.partner,
-            used: usage.used,
-            limit: usage.limit,
-            window_started: rfc3339(usage.window_started),
-            window_ends: rfc3339(usage.window_ends),
-        }
-    }
 }
 
 /// Every caller's budgets in this process.
@@ -144,7 +115,7 @@ impl QueryBudgets {
     pub fn charge(
         &self,
         config: BudgetConfig,
-        caller: &str,
+        caller: &Caller,
         project: &str,
         partner: &str,
         question: &str,
@@ -161,7 +132,7 @@ impl QueryBudgets {
             windows.retain(|_, window| window.ends > now);
         }
         let key = BudgetKey {
-            caller: caller.to_owned(),
+            caller: caller.clone(),
             project: project.to_owned(),
             partner: partner.to_owned(),
         };
@@ -187,7 +158,7 @@ impl QueryBudgets {
             return Err(Exhausted {
                 limit: config.questions,
                 window_hours: config.window_hours,
-                renews: rfc3339(window.ends),
+                renews: rfc3339(window.ends.into()),
             });
         }
         window.questions.insert(question.to_owned());
@@ -195,54 +166,48 @@ impl QueryBudgets {
     }
 
     /// Budgets in use at or above `fraction` of their limit, fullest first.
-    pub fn in_use(&self, fraction: f64) -> Vec<BudgetUse> {
+    pub fn in_use(&self, fraction: f64) -> Vec<QueryBudgetUse> {
         let now = SystemTime::now();
         let windows = self
             .windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut uses: Vec<BudgetUse> = windows
+        let mut uses: Vec<(&BudgetKey, &Window)> = windows
             .iter()
             .filter(|(_, w)| w.ends > now)
-            .map(|(key, w)| BudgetUse {
-                caller: key.caller.clone(),
+            .filter(|(_, w)| w.questions.len() as f64 >= fraction * f64::from(w.limit))
+            .collect();
+        // Fullest first: used / limit, compared without division.
+        uses.sort_by(|(a_key, a), (b_key, b)| {
+            (b.questions.len() as u64 * u64::from(a.limit))
+                .cmp(&(a.questions.len() as u64 * u64::from(b.limit)))
+                .then_with(|| (&a_key.caller, &a_key.partner).cmp(&(&b_key.caller, &b_key.partner)))
+        });
+        uses.into_iter()
+            .map(|(key, w)| QueryBudgetUse {
+                issuer: key.caller.issuer.clone(),
+                subject: key.caller.subject.clone(),
                 project: key.project.clone(),
                 partner: key.partner.clone(),
                 used: u32::try_from(w.questions.len()).unwrap_or(u32::MAX),
                 limit: w.limit,
-                window_started: w.started,
-                window_ends: w.ends,
+                window_started: rfc3339(w.started.into()),
+                window_ends: rfc3339(w.ends.into()),
             })
-            .filter(|u| f64::from(u.used) >= fraction * f64::from(u.limit))
-            .collect();
-        uses.sort_by(|a, b| {
-            (u64::from(b.used) * u64::from(a.limit))
-                .cmp(&(u64::from(a.used) * u64::from(b.limit)))
-                .then_with(|| a.caller.cmp(&b.caller))
-                .then_with(|| a.partner.cmp(&b.partner))
-        });
-        uses
+            .collect()
     }
-}
-
-/// A time as RFC 3339 (UTC, seconds).
-pub fn rfc3339(at: SystemTime) -> String {
-    let seconds = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or_default();
-    time::OffsetDateTime::from_unix_timestamp(seconds)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caller(subject: &str) -> Caller {
+        Caller {
+            issuer: "https://issuer".into(),
+            subject: subject.into(),
+        }
+    }
 
     fn small() -> BudgetConfig {
         BudgetConfig {
@@ -254,8 +219,8 @@ mod tests {
     #[test]
     fn distinct_questions_are_charged_until_the_budget_is_spent_and_repeats_are_free() {
         let budgets = QueryBudgets::default();
-        let charge = |caller: &str, partner: &str, question: &str| {
-            budgets.charge(small(), caller, "p1", partner, question)
+        let charge = |subject: &str, partner: &str, question: &str| {
+            budgets.charge(small(), &caller(subject), "p1", partner, question)
         };
         for question in ["a", "b", "c", "a", "b", "c"] {
             assert_eq!(charge("alice", "north", question), Ok(()));
@@ -266,14 +231,20 @@ mod tests {
         assert_eq!(charge("alice", "south", "d"), Ok(()), "each partner apart");
         assert_eq!(charge("bob", "north", "d"), Ok(()), "each caller apart");
         assert!(
-            budgets.charge(small(), "alice", "p2", "north", "d").is_ok(),
+            budgets
+                .charge(small(), &caller("alice"), "p2", "north", "d")
+                .is_ok(),
             "each project apart"
         );
         let off = BudgetConfig {
             questions: 0,
             ..small()
         };
-        assert!(budgets.charge(off, "alice", "p1", "north", "z").is_ok());
+        assert!(
+            budgets
+                .charge(off, &caller("alice"), "p1", "north", "z")
+                .is_ok()
+        );
     }
 
     #[test]
@@ -281,15 +252,15 @@ mod tests {
         let budgets = QueryBudgets::default();
         for question in ["a", "b", "c"] {
             budgets
-                .charge(small(), "alice", "p1", "north", question)
+                .charge(small(), &caller("alice"), "p1", "north", question)
                 .unwrap_or_default();
         }
         budgets
-            .charge(small(), "bob", "p1", "north", "a")
+            .charge(small(), &caller("bob"), "p1", "north", "a")
             .unwrap_or_default();
         let near = budgets.in_use(0.5);
         assert_eq!(near.len(), 1);
-        assert_eq!((near[0].caller.as_str(), near[0].used), ("alice", 3));
+        assert_eq!((near[0].subject.as_str(), near[0].used), ("alice", 3));
         assert_eq!(budgets.in_use(0.0).len(), 2);
     }
 }

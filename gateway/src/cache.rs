@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use meshgate_connectors::SearchOutcome;
 use meshgate_policies::Disclosure;
-use meshgate_schema::{Instance, Series, Study, StudyQuery};
+use meshgate_schema::{Caller, Instance, Series, Study, StudyQuery};
 use moka::future::Cache;
 use serde::Deserialize;
 
@@ -48,8 +48,7 @@ impl Default for CacheConfig {
 /// What a cached answer is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    /// The caller: issuer and subject.
-    caller: String,
+    caller: Caller,
     partner: String,
     /// For a search: the normalised query as canonical JSON, without the
     /// partner list (which only chooses whom to ask). For series: the
@@ -63,7 +62,7 @@ pub struct CacheKey {
 impl CacheKey {
     /// The key of a search.
     pub fn new(
-        caller: &str,
+        caller: &Caller,
         partner: &str,
         query: &StudyQuery,
         project: &str,
@@ -74,7 +73,7 @@ impl CacheKey {
             ..query.clone()
         };
         CacheKey {
-            caller: caller.to_owned(),
+            caller: caller.clone(),
             partner: partner.to_owned(),
             asked: serde_json::to_string(&query).unwrap_or_default(),
             project: project.to_owned(),
@@ -84,14 +83,14 @@ impl CacheKey {
 
     /// The key of a study's series.
     pub fn series(
-        caller: &str,
+        caller: &Caller,
         partner: &str,
         study_uid: &str,
         project: &str,
         disclosure: &Disclosure,
     ) -> CacheKey {
         CacheKey {
-            caller: caller.to_owned(),
+            caller: caller.clone(),
             partner: partner.to_owned(),
             asked: study_uid.to_owned(),
             project: project.to_owned(),
@@ -193,6 +192,8 @@ impl AnswerCache {
 /// strings and vectors.
 fn key_weight(key: &CacheKey) -> usize {
     size_of::<CacheKey>()
+        + key.caller.issuer.len()
+        + key.caller.subject.len()
         + key.partner.len()
         + key.asked.len()
         + key.project.len()
@@ -252,6 +253,13 @@ mod tests {
 
     use super::*;
 
+    fn caller(subject: &str) -> Caller {
+        Caller {
+            issuer: "https://issuer".into(),
+            subject: subject.into(),
+        }
+    }
+
     fn outcome(studies: usize) -> SearchOutcome {
         SearchOutcome {
             studies: (0..studies)
@@ -270,7 +278,7 @@ mod tests {
      {
         let query = StudyQuery::default();
         let key = |query: &StudyQuery, project, disclosure: &Disclosure| {
-            CacheKey::new("alice", "north", query, project, disclosure)
+            CacheKey::new(&caller("alice"), "north", query, project, disclosure)
         };
         let deid = Disclosure::Deidentified(Profile::basic());
         let base = key(&query, "demo", &deid);
@@ -285,8 +293,14 @@ mod tests {
             key(&query, "demo", &Disclosure::Deidentified(retaining))
         );
         assert_ne!(base, key(&query, "lung-cancer", &deid));
-        assert_ne!(base, CacheKey::new("alice", "south", &query, "demo", &deid));
-        assert_ne!(base, CacheKey::new("bob", "north", &query, "demo", &deid));
+        assert_ne!(
+            base,
+            CacheKey::new(&caller("alice"), "south", &query, "demo", &deid)
+        );
+        assert_ne!(
+            base,
+            CacheKey::new(&caller("bob"), "north", &query, "demo", &deid)
+        );
         let described = StudyQuery {
             description: Some("chest".into()),
             ..StudyQuery::default()
@@ -304,7 +318,7 @@ mod tests {
         let cache = AnswerCache::new(CacheConfig::default());
         let calls = AtomicU32::new(0);
         let key = CacheKey::new(
-            "alice",
+            &caller("alice"),
             "north",
             &StudyQuery::default(),
             "demo",
@@ -350,7 +364,13 @@ mod tests {
                 description: Some(format!("q{i}")),
                 ..StudyQuery::default()
             };
-            let key = CacheKey::new("alice", "north", &query, "demo", &Disclosure::Identified);
+            let key = CacheKey::new(
+                &caller("alice"),
+                "north",
+                &query,
+                "demo",
+                &Disclosure::Identified,
+            );
             let (answer, _) = cache
                 .get_or_search(key, async { Ok::<_, ()>(outcome(100)) })
                 .await;

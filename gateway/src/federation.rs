@@ -24,7 +24,7 @@ use meshgate_policies::{
 };
 use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
 use meshgate_schema::fhir::MappingOptions;
-use meshgate_schema::{Study, StudyQuery};
+use meshgate_schema::{Caller, Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
@@ -138,8 +138,8 @@ pub struct Grants {
     pub cell_keys: CellKeys,
     /// The research project the query serves.
     pub project: String,
-    /// Who asks (issuer and subject): cached answers are the caller's own.
-    pub caller: String,
+    /// Who asks: cached answers and query budgets are the caller's own.
+    pub caller: Caller,
 }
 
 /// Why a partner did not answer.

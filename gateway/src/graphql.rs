@@ -161,7 +161,6 @@ impl QueryRoot {
         let principal = principal(ctx).map_err(|e| e.extend())?;
         let services = services(ctx).map_err(|e| e.extend())?;
         let scope = audit_scope(services, principal);
-        let own = caller(principal);
         Ok(services
             .federation
             .budgets()
@@ -169,10 +168,10 @@ impl QueryRoot {
             .into_iter()
             .filter(|usage| {
                 scope.as_ref().is_none_or(|scope| {
-                    usage.caller == own || scope.partners.contains(&usage.partner)
+                    (usage.issuer == principal.issuer && usage.subject == principal.subject)
+                        || scope.partners.contains(&usage.partner)
                 })
             })
-            .map(QueryBudgetUse::from)
             .collect())
     }
 
@@ -293,11 +292,6 @@ fn audit_scope(services: &Services, principal: &Principal) -> Option<Scope> {
     })
 }
 
-/// Who asks, as caches and budgets key it: issuer and subject.
-fn caller(principal: &Principal) -> String {
-    format!("{}\n{}", principal.issuer, principal.subject)
-}
-
 fn services<'a>(ctx: &Context<'a>) -> Result<&'a Services, ApiError> {
     ctx.data::<Services>().map_err(|_| ApiError::Internal)
 }
@@ -343,7 +337,7 @@ fn grants(services: &Services, principal: &Principal, project: &str, query: &Stu
         partners,
         cell_keys: services.pseudonym_key.cell_keys(),
         project: project.to_owned(),
-        caller: caller(principal),
+        caller: principal.caller(),
     }
 }
 

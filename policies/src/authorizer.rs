@@ -491,10 +491,7 @@ fn action_uid(action: &str) -> Result<EntityUid, String> {
 /// same subject from two issuers is two users. Policies name a user by
 /// `principal.issuer` and `principal.subject`.
 fn user_uid(principal: &Principal) -> Result<EntityUid, String> {
-    uid(
-        "User",
-        &format!("{}\n{}", principal.issuer, principal.subject),
-    )
+    uid("User", &principal.key())
 }
 
 fn strings(values: &[String]) -> RestrictedExpression {

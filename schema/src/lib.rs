@@ -24,6 +24,6 @@ pub mod study;
 
 pub use api::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
 pub use capabilities::{Capabilities, FilterKind, PagingStyle, ProbeFinding, ProbedFeature};
-pub use principal::{Principal, Role};
+pub use principal::{Caller, Principal, Role};
 pub use query::{AgeRange, DateRange, QueryError, StudyQuery};
 pub use study::{Instance, Modality, PatientSex, Series, Study};

@@ -34,6 +34,15 @@ impl Role {
     }
 }
 
+/// Who asks: a token's issuer and subject together, so the same subject
+/// from another issuer is another caller. Caches and query budgets are
+/// kept per caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Caller {
+    pub issuer: String,
+    pub subject: String,
+}
+
 /// A caller whose bearer token was verified, as the gateway sees them.
 #[derive(SimpleObject, Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct Principal {
@@ -49,4 +58,20 @@ pub struct Principal {
     pub projects: Vec<String>,
     /// Data-use permissions granted to the caller, sorted.
     pub permissions: Vec<String>,
+}
+
+impl Principal {
+    /// Who asks.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            issuer: self.issuer.clone(),
+            subject: self.subject.clone(),
+        }
+    }
+
+    /// The caller as one string (issuer, a line break, subject): the
+    /// principal's Cedar entity id.
+    pub fn key(&self) -> String {
+        format!("{}\n{}", self.issuer, self.subject)
+    }
 }

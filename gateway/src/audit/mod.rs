@@ -494,11 +494,16 @@ fn write_canonical(value: &Value, out: &mut String) {
 
 /// Now, as RFC 3339 UTC with milliseconds: sorts as it reads.
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    now.format(time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    ))
-    .unwrap_or_default()
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// A time as RFC 3339 UTC with milliseconds, the gateway's one timestamp form.
+pub fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.to_offset(time::UtcOffset::UTC)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        ))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
