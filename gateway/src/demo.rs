@@ -204,7 +204,7 @@ pub fn prepare(
         institutions = DEMO_PARTNERS
             .iter()
             .map(|p| p.institution)
-            .chain(["westfield-university", "consortium-office"])
+            .chain([RESEARCHER_INSTITUTION, GOVERNANCE_INSTITUTION])
             .map(|i| quoted(i.to_owned()))
             .collect::<Vec<_>>()
             .join(", "),
@@ -244,6 +244,11 @@ pub fn prepare(
     Ok(Config::from_toml(&toml, &file, env)?)
 }
 
+/// The institution of the demo's researcher, who works at no partner.
+const RESEARCHER_INSTITUTION: &str = "westfield-university";
+/// The institution of the demo's governance user.
+const GOVERNANCE_INSTITUTION: &str = "consortium-office";
+
 /// Ready-made tokens for the demo's three kinds of user.
 pub fn tokens(issuer: &DevIssuer, ttl: Duration) -> Vec<(&'static str, String)> {
     vec![
@@ -252,7 +257,7 @@ pub fn tokens(issuer: &DevIssuer, ttl: Duration) -> Vec<(&'static str, String)> 
             issuer.token(
                 &json!({
                     "sub": "demo-researcher",
-                    "institution": "westfield-university",
+                    "institution": RESEARCHER_INSTITUTION,
                     "roles": ["researcher"],
                     "projects": ["demo", "lung-cancer"],
                 }),
@@ -275,7 +280,7 @@ pub fn tokens(issuer: &DevIssuer, ttl: Duration) -> Vec<(&'static str, String)> 
             issuer.token(
                 &json!({
                     "sub": "demo-governance",
-                    "institution": "consortium-office",
+                    "institution": GOVERNANCE_INSTITUTION,
                     "roles": ["governance"],
                 }),
                 ttl,
