@@ -9,7 +9,8 @@ front of them, and times, interleaved in the same run:
              50-70; one study by UID. meshgate's cohortCount against the best
              sequential script for each: one QIDO-RS search per partner in
              turn, at study level (ModalitiesInStudy, StudyDate, PatientSex,
-             StudyInstanceUID) or, for body part, at series level.
+             StudyInstanceUID) or, for body part, at series level; and the
+             UID lookup against one direct call to the partner holding it.
   page       imagingStudies(first: 500) with FHIR series and instances,
              against a script that lists the studies and fetches their series
              and instances with UID-list queries (50 UIDs each).
@@ -328,6 +329,23 @@ def main():
             cached = timed(lambda: meshgate_count(flt, "cached"), args.runs)[0]
             print(f"  count {label:<14} {mc:5d} studies: meshgate {m:7.1f}  script {b:7.1f}  ratio {m / b:.2f}"
                   f"  (cached {cached:.1f})")
+        # The UID lookup against one direct QIDO-RS call to the partner that
+        # holds the study (which meshgate does not know, so it asks all).
+        # The floor for asking every partner: the same call to all three at
+        # once, which on a machine with fewer cores than partners is not free.
+        mesh, direct, fanned = [], [], []
+        with concurrent.futures.ThreadPoolExecutor(len(PARTNERS)) as pool:
+            for _ in range(args.runs):
+                t = time.perf_counter(); meshgate_count({"studyInstanceUids": [one_uid]})
+                mesh.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter(); qido("south", f"studies?StudyInstanceUID={one_uid}")
+                direct.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                list(pool.map(lambda p: qido(p[0], f"studies?StudyInstanceUID={one_uid}"), PARTNERS))
+                fanned.append((time.perf_counter() - t) * 1000)
+        m, d, f = statistics.median(mesh), statistics.median(direct), statistics.median(fanned)
+        print(f"  one UID against one direct QIDO call: meshgate {m:7.1f}  direct {d:7.1f}  ratio {m / d:.2f}"
+              f"  (the same call to all {len(PARTNERS)} partners at once: {f:.1f}, ratio {f / d:.2f})")
         mesh, base = [], []
         for _ in range(max(3, args.runs // 3)):
             t = time.perf_counter(); ms = meshgate_page(); mesh.append((time.perf_counter() - t) * 1000)

@@ -100,6 +100,11 @@ pub enum ProbedFeature {
     ModalityLists,
     /// `ModalitiesInStudy` combined with `offset` returns later pages.
     ModalityPaging,
+    /// A first page of a `ModalitiesInStudy` search holds the first
+    /// matches (the backend filters before it limits), so a first page
+    /// shorter than the page size the backend was measured to return in
+    /// full is every match: one request where paging is broken.
+    ModalityFirstPage,
 }
 
 /// What the probe found for one feature.

@@ -71,6 +71,7 @@ async fn federated_search_over_real_orthanc_partners() {
     paging_by_seven_returns_every_study_exactly_once_in_order(&consortium).await;
     every_returned_study_validates_as_fhir_r4_imaging_study(&consortium).await;
     a_page_loads_series_in_bulk_and_only_when_its_selection_shows_them(&consortium).await;
+    a_modality_cohort_costs_one_request_per_partner_when_its_matches_fit_a_page(&consortium).await;
     invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(&consortium).await;
     partners_are_listed_with_their_connector_capabilities(&consortium).await;
 }
@@ -98,6 +99,38 @@ async fn every_returned_study_validates_as_fhir_r4_imaging_study(c: &Consortium)
         );
     }
     validate_imaging_studies(&resources);
+}
+
+async fn a_modality_cohort_costs_one_request_per_partner_when_its_matches_fit_a_page(
+    c: &Consortium,
+) {
+    let requests = || -> Vec<u64> { c.orthancs.iter().map(|p| p.proxy.requests()).collect() };
+    for (i, modalities) in [json!(["CT"]), json!(["MR"]), json!(["CT", "MR"])]
+        .into_iter()
+        .enumerate()
+    {
+        // A fresh caller each time: cached answers are per caller.
+        let who = c.gateway.issuer.token(
+            &json!({"sub": format!("plan-{i}"), "roles": ["researcher"], "projects": ["ground-truth"]}),
+            std::time::Duration::from_secs(300),
+        );
+        let before = requests();
+        let (_, body) = c
+            .gateway
+            .post_as(
+                Some(&who),
+                "query($f: StudyFilter) { cohortCount(project: \"ground-truth\", filter: $f) { complete partners { partner status } } }",
+                json!({"f": {"modalities": modalities, "partners": ["south"]}}),
+            )
+            .await;
+        let count = &body["data"]["cohortCount"];
+        assert_eq!(count["complete"], true, "{body}");
+        let made: Vec<u64> = requests().iter().zip(&before).map(|(a, b)| a - b).collect();
+        // South (45 studies, pages of 1,000): one study-level request, not
+        // a series-level search and then the studies by UID. Its answer is
+        // checked against the ground truth with every other cohort.
+        assert_eq!(made, [0, 1, 0], "{modalities}: requests per partner");
+    }
 }
 
 async fn a_page_loads_series_in_bulk_and_only_when_its_selection_shows_them(c: &Consortium) {
@@ -325,8 +358,9 @@ async fn partners_are_listed_with_their_connector_capabilities(c: &Consortium) {
     assert_eq!(partners[0]["capabilities"]["paging"], "LIMIT_OFFSET");
     // Orthanc's behaviour, as measured by the start-up probe: everything a
     // cohort search needs, except paging ModalitiesInStudy (its DICOMweb
-    // plugin returns nothing past the first page), which is therefore asked
-    // at series level; "no matches" is `200 []`, not `204`.
+    // plugin returns nothing past the first page), so a modality is asked
+    // as one first page, or at series level when that page is full; "no
+    // matches" is `200 []`, not `204`.
     for orthanc in &partners[..3] {
         let capabilities = &orthanc["capabilities"];
         assert_eq!(capabilities["measured"], true, "{orthanc}");
@@ -350,6 +384,7 @@ async fn partners_are_listed_with_their_connector_capabilities(c: &Consortium) {
             ("STUDY_LEVEL_MODALITY", true),
             ("MODALITY_LISTS", true),
             ("MODALITY_PAGING", false),
+            ("MODALITY_FIRST_PAGE", true),
         ]
         .into_iter()
         .map(|(f, s)| (f.to_owned(), Value::Bool(s)))

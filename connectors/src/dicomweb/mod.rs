@@ -119,6 +119,10 @@ struct SearchPlan {
     series: Vec<Vec<(String, String)>>,
     /// Filter kinds the connector checks on what comes back.
     residual: BTreeSet<FilterKind>,
+    /// Ask the study-level search as one first page of this many rows
+    /// (a backend that cannot page `ModalitiesInStudy`): a shorter page
+    /// is every match; a full one sends the query down the paged plan.
+    first_page: Option<u32>,
 }
 
 impl DicomWebConnector {
@@ -193,6 +197,19 @@ impl DicomWebConnector {
             .unwrap_or(self.settings.profile.modality_lists())
     }
 
+    /// The size of a first page of a `ModalitiesInStudy` search that is
+    /// every match when it comes back short: only where the probe measured
+    /// that the backend filters before it limits, and at most the page size
+    /// it was measured to return in full (and its result cap).
+    fn modality_first_page(&self) -> Option<u32> {
+        let measured = self.measured();
+        if measured.study_modality != Some(true) || measured.modality_first_page != Some(true) {
+            return None;
+        }
+        let full = measured.full_page?;
+        Some(self.max_results().map_or(full, |cap| cap.min(full)))
+    }
+
     fn max_results(&self) -> Option<u32> {
         self.settings
             .max_results
@@ -247,7 +264,12 @@ impl DicomWebConnector {
                     rows.push(row);
                 }
             }
-            if named.is_some_and(|n| rows.len() >= n) {
+            // A study-level page shorter than one the backend was measured
+            // to return in full is the last: no empty page to ask for.
+            // (Measured for studies only: servers cap levels separately.)
+            let short =
+                path == "studies" && !full && self.measured().full_page.is_some_and(|n| limit <= n);
+            if short || named.is_some_and(|n| rows.len() >= n) {
                 return Ok((rows, false));
             }
             if !self.offset_pages() {
@@ -364,7 +386,7 @@ impl DicomWebConnector {
     /// describe one series), and what the connector must check itself.
     /// Pushed-down filters are checked again locally wherever the returned
     /// attributes allow it: cheap, and it guards against lenient matching.
-    fn plan(&self, query: &StudyQuery) -> SearchPlan {
+    fn plan(&self, query: &StudyQuery, first_page: bool) -> SearchPlan {
         // Study-level keys that both QIDO-RS levels accept.
         let mut shared = Vec::new();
         if let Some(range) = query.study_date {
@@ -391,8 +413,19 @@ impl DicomWebConnector {
         residual.remove(&FilterKind::BodyPart);
 
         let modalities: Vec<&str> = query.modalities.iter().map(|m| m.code()).collect();
+        let listable = modalities.len() == 1 || (modalities.len() > 1 && self.modality_lists());
+        // Where `ModalitiesInStudy` cannot be paged but a first page was
+        // measured to hold the first matches: one study-level request.
+        let first_page = (first_page
+            && listable
+            && query.body_part.is_none()
+            && !self.pages_modalities_in_study())
+        .then(|| self.modality_first_page())
+        .flatten();
         let at_series_level = query.body_part.is_some()
-            || (!modalities.is_empty() && !self.pages_modalities_in_study());
+            || (!modalities.is_empty()
+                && !self.pages_modalities_in_study()
+                && first_page.is_none());
         let mut series = Vec::new();
         if at_series_level {
             residual.remove(&FilterKind::Modality);
@@ -425,13 +458,14 @@ impl DicomWebConnector {
                 }
                 series.push(params);
             }
-        } else if modalities.len() == 1 || (modalities.len() > 1 && self.modality_lists()) {
+        } else if listable {
             study.push(("ModalitiesInStudy".to_owned(), modalities.join(",")));
         }
         SearchPlan {
             study,
             series,
             residual,
+            first_page,
         }
     }
 
@@ -598,8 +632,22 @@ impl Connector for DicomWebConnector {
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
-        let plan = self.plan(query);
-        let (rows, truncated, matched) = if plan.series.is_empty() {
+        let mut plan = self.plan(query, true);
+        let mut first_page = None;
+        if let Some(limit) = plan.first_page {
+            let mut params = plan.study.clone();
+            params.push(("limit".into(), limit.to_string()));
+            let rows = self.get_json("studies", &params).await?;
+            if rows.len() < limit as usize {
+                first_page = Some(rows);
+            } else {
+                // A full page: there may be more, and they cannot be paged.
+                plan = self.plan(query, false);
+            }
+        }
+        let (rows, truncated, matched) = if let Some(rows) = first_page {
+            (rows, false, None)
+        } else if plan.series.is_empty() {
             let (rows, truncated) = self
                 .search_all("studies", &plan.study, tags::STUDY_INSTANCE_UID)
                 .await?;

@@ -29,6 +29,11 @@ pub(super) struct Measured {
     pub study_modality: Option<bool>,
     pub modality_lists: Option<bool>,
     pub modality_paging: Option<bool>,
+    pub modality_first_page: Option<bool>,
+    /// The most rows one page was measured to return in full: a page
+    /// shorter than this is the end of the results, whatever the backend
+    /// caps pages at.
+    pub full_page: Option<u32>,
 }
 
 impl Measured {
@@ -42,6 +47,7 @@ impl Measured {
             (ProbedFeature::StudyLevelModality, self.study_modality),
             (ProbedFeature::ModalityLists, self.modality_lists),
             (ProbedFeature::ModalityPaging, self.modality_paging),
+            (ProbedFeature::ModalityFirstPage, self.modality_first_page),
         ]
         .into_iter()
         .map(|(feature, supported)| ProbeFinding { feature, supported })
@@ -105,6 +111,16 @@ impl DicomWebConnector {
             .get_json_answer("studies", &params(&[("StudyInstanceUID", NOBODYS_UID)]))
             .await?;
         measured.empty_no_content = rows.is_empty().then_some(status == StatusCode::NO_CONTENT);
+
+        // A page as large as searches ask for: the rows that come back are
+        // a page size the backend returns in full.
+        if measured.limit == Some(true) {
+            let page = self.page_size.to_string();
+            let rows = self
+                .get_json("studies", &params(&[("limit", &page)]))
+                .await?;
+            measured.full_page = u32::try_from(rows.len()).ok().filter(|n| *n > 0);
+        }
 
         let uids: Vec<String> = first.iter().filter_map(uid).collect();
         if let [a, b, ..] = uids.as_slice() {
@@ -236,6 +252,45 @@ impl DicomWebConnector {
                 }
             }
         }
+        if measured.study_modality == Some(true) {
+            measured.modality_first_page = self.first_page_holds_first_matches(&first).await?;
+        }
         Ok((measured, latency))
+    }
+
+    /// Whether a first page of a `ModalitiesInStudy` search holds the first
+    /// matches rather than the matches among the first studies. Take a
+    /// modality `c` of the first studies have, with one lacking it among
+    /// the first `c`: asked for `c` rows, a backend that filters before it
+    /// limits returns `c` (there are at least that many), one that limits
+    /// first returns fewer.
+    async fn first_page_holds_first_matches(
+        &self,
+        first: &[DicomJson],
+    ) -> Result<Option<bool>, ConnectorError> {
+        let has_modality = |row: &DicomJson, modality: &str| {
+            row.texts(tags::MODALITIES_IN_STUDY)
+                .iter()
+                .any(|m| m == modality)
+        };
+        let test = MODALITIES.iter().find_map(|modality| {
+            let count = first.iter().filter(|r| has_modality(r, modality)).count();
+            let lacking_early = first[..count].iter().any(|r| !has_modality(r, modality));
+            (count > 0 && lacking_early).then_some((*modality, count))
+        });
+        let Some((modality, count)) = test else {
+            return Ok(None);
+        };
+        let rows = self
+            .get_json(
+                "studies",
+                &params(&[
+                    ("ModalitiesInStudy", modality),
+                    ("limit", &count.to_string()),
+                ]),
+            )
+            .await?;
+        let only_matches = rows.iter().all(|row| has_modality(row, modality));
+        Ok(Some(rows.len() == count && only_matches))
     }
 }
