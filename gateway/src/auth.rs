@@ -15,6 +15,7 @@
 //! so a flood of forged tokens cannot turn into a flood of JWKS fetches.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{JwkSet, PublicKeyUse};
@@ -28,6 +29,8 @@ use tokio::time::Instant;
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// RSA keys shorter than this are not trusted (NIST SP 800-131A).
+const MIN_RSA_BITS: usize = 2048;
 
 /// The algorithms an issuer accepts unless configured otherwise: asymmetric only.
 pub const DEFAULT_ALGORITHMS: [Algorithm; 9] = [
@@ -118,6 +121,8 @@ pub struct IssuerSettings {
     pub token_types: Vec<String>,
     pub leeway: Duration,
     pub require_nbf: bool,
+    /// The longest `exp` may lie after `iat` (or after now, without `iat`).
+    pub max_lifetime: Duration,
     pub claims: ClaimNames,
     /// What its tokens may assert.
     pub trust: Trust,
@@ -177,7 +182,7 @@ struct Issuer {
 /// Verifies bearer tokens from the configured issuers.
 #[derive(Debug)]
 pub struct Authenticator {
-    issuers: Vec<Issuer>,
+    issuers: Vec<Arc<Issuer>>,
     client: reqwest::Client,
 }
 
@@ -190,10 +195,12 @@ impl Authenticator {
         Ok(Authenticator {
             issuers: issuers
                 .into_iter()
-                .map(|settings| Issuer {
-                    settings,
-                    cache: RwLock::default(),
-                    last_fetch: Mutex::default(),
+                .map(|settings| {
+                    Arc::new(Issuer {
+                        settings,
+                        cache: RwLock::default(),
+                        last_fetch: Mutex::default(),
+                    })
                 })
                 .collect(),
             client,
@@ -287,24 +294,42 @@ impl Authenticator {
                 }
             })?
             .claims;
+        check_times(settings, &claims)?;
+        if has_control_characters(&claims) {
+            return Err(AuthError::Invalid(
+                "the token's claims contain control or bidirectional-override characters",
+            ));
+        }
         principal(settings, &claims)
     }
 }
 
 impl Issuer {
-    /// The key named `kid`, fetching the JWKS when it is unknown or old.
+    /// The key named `kid`. A held key is used at once; when the keys are
+    /// older than `max_key_age` they are fetched again in the background,
+    /// so an issuer whose JWKS endpoint hangs does not stall its tokens.
+    /// Only a `kid` not held waits for a fetch.
     async fn key(
-        &self,
+        self: &Arc<Self>,
         client: &reqwest::Client,
         kid: &str,
     ) -> Result<(DecodingKey, Option<Algorithm>), AuthError> {
         let cached = |cache: &KeyCache| cache.keys.get(kid).cloned();
         {
             let cache = self.cache.read().await;
-            let fresh = cache
-                .fetched
-                .is_some_and(|at| at.elapsed() < self.settings.max_key_age);
-            if fresh && let Some(key) = cached(&cache) {
+            if let Some(key) = cached(&cache) {
+                let stale = cache
+                    .fetched
+                    .is_none_or(|at| at.elapsed() >= self.settings.max_key_age);
+                // One background fetch at a time: a fetch in progress holds
+                // `last_fetch`.
+                if stale && self.last_fetch.try_lock().is_ok() {
+                    let issuer = Arc::clone(self);
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let _ = issuer.refresh(&client, false).await;
+                    });
+                }
                 return Ok(key);
             }
         }
@@ -374,12 +399,18 @@ async fn fetch_jwks(
     {
         return Err("the JWKS is too large".into());
     }
-    let body = response
-        .bytes()
+    // Counted as it arrives: a chunked body states no length.
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|_| "body cut short".to_owned())?;
-    if body.len() > MAX_JWKS_BYTES {
-        return Err("the JWKS is too large".into());
+        .map_err(|_| "body cut short".to_owned())?
+    {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err("the JWKS is too large".into());
+        }
+        body.extend_from_slice(&chunk);
     }
     // Keys are read one by one, so one key of an unknown kind does not hide the rest.
     let document: Value = serde_json::from_slice(&body).map_err(|_| "not JSON".to_owned())?;
@@ -407,12 +438,21 @@ async fn fetch_jwks(
                 .common
                 .key_algorithm
                 .and_then(|a| Algorithm::try_from(a).ok());
-            // Symmetric keys never belong in a JWKS a gateway trusts.
-            if matches!(
-                jwk.algorithm,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
-            ) {
-                continue;
+            // Symmetric keys never belong in a JWKS a gateway trusts, nor
+            // RSA keys too short to resist factoring.
+            match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => continue,
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa)
+                    if rsa_bits(&rsa.n) < MIN_RSA_BITS =>
+                {
+                    tracing::warn!(
+                        %kid,
+                        bits = rsa_bits(&rsa.n),
+                        "JWKS key ignored: RSA keys must have at least {MIN_RSA_BITS} bits"
+                    );
+                    continue;
+                }
+                _ => {}
             }
             if let Ok(key) = DecodingKey::from_jwk(&jwk) {
                 keys.insert(kid, (key, algorithm));
@@ -420,6 +460,73 @@ async fn fetch_jwks(
         }
     }
     Ok(keys)
+}
+
+/// The size in bits of an RSA modulus given as base64url (0 if unreadable).
+fn rsa_bits(modulus: &str) -> usize {
+    use base64::Engine as _;
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(modulus.trim_end_matches('='))
+    else {
+        return 0;
+    };
+    let bytes = match bytes.iter().position(|b| *b != 0) {
+        Some(first) => &bytes[first..],
+        None => return 0,
+    };
+    bytes.len() * 8 - bytes[0].leading_zeros() as usize
+}
+
+/// `iat` not in the future, and a lifetime (`exp` less `iat`, or less now
+/// without `iat`) within the issuer's maximum; both with the leeway.
+fn check_times(settings: &IssuerSettings, claims: &Value) -> Result<(), AuthError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let leeway = settings.leeway.as_secs();
+    let time = |name: &str| -> Result<Option<u64>, AuthError> {
+        match claims.get(name) {
+            None => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .map(Some)
+                .ok_or(AuthError::Invalid("the token's times are not numbers")),
+        }
+    };
+    let issued = time("iat")?;
+    if issued.is_some_and(|iat| iat > now.saturating_add(leeway)) {
+        return Err(AuthError::Invalid(
+            "the token was issued in the future (iat)",
+        ));
+    }
+    let expires = time("exp")?.ok_or(AuthError::MissingClaim("exp".into()))?;
+    let lifetime = expires.saturating_sub(issued.unwrap_or(now));
+    if lifetime > settings.max_lifetime.as_secs().saturating_add(leeway) {
+        return Err(AuthError::Invalid(
+            "the token is valid for longer than this issuer's tokens may be",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether any string in the claims (names included) holds a control
+/// character (NUL, CR, LF, ...) or a bidirectional override, which could
+/// forge lines in logs or disguise a name shown to governance staff.
+fn has_control_characters(value: &Value) -> bool {
+    let bad = |text: &str| {
+        text.chars().any(|c| {
+            c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        })
+    };
+    match value {
+        Value::String(text) => bad(text),
+        Value::Array(items) => items.iter().any(has_control_characters),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(name, value)| bad(name) || has_control_characters(value)),
+        _ => false,
+    }
 }
 
 /// Maps verified claims into a principal.

@@ -92,6 +92,10 @@ pub struct IssuerConfig {
     /// Refuse tokens without `nbf` (default: true).
     #[serde(default = "default_true")]
     pub require_nbf: bool,
+    /// The longest a token may be valid: `exp` less `iat` (or less now,
+    /// without `iat`). Default 86,400 (24 hours).
+    #[serde(default = "default_max_token_lifetime")]
+    pub max_token_lifetime_seconds: u64,
     #[serde(default)]
     pub claims: ClaimsConfig,
     /// What this issuer is believed about: the institutions, roles,
@@ -112,6 +116,9 @@ fn default_leeway() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_max_token_lifetime() -> u64 {
+    24 * 3600
 }
 fn default_jwks_refresh() -> u64 {
     30
@@ -936,6 +943,12 @@ fn issuers(
             if issuer.leeway_seconds > 300 {
                 return Err(located(at("leeway_seconds"), "leeway_seconds must be at most 300".into()));
             }
+            if issuer.max_token_lifetime_seconds == 0 {
+                return Err(located(
+                    at("max_token_lifetime_seconds"),
+                    "max_token_lifetime_seconds must be at least 1".into(),
+                ));
+            }
             let algorithms = match &issuer.algorithms {
                 None => DEFAULT_ALGORITHMS.to_vec(),
                 Some(names) => names
@@ -978,6 +991,7 @@ fn issuers(
                 }),
                 leeway: Duration::from_secs(issuer.leeway_seconds),
                 require_nbf: issuer.require_nbf,
+                max_lifetime: Duration::from_secs(issuer.max_token_lifetime_seconds),
                 claims: ClaimNames {
                     institution: issuer.claims.institution.clone(),
                     roles: issuer.claims.roles.clone(),

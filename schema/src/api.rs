@@ -22,9 +22,15 @@ impl ScalarType for IsoDate {
         let Value::String(text) = &value else {
             return Err(InputValueError::expected_type(value));
         };
+        // DICOM dates are years 0001 to 9999; anything else cannot be
+        // asked of a partner (a sign would reach it as `-0010101`).
         Date::parse(text, format_description!("[year]-[month]-[day]"))
+            .ok()
+            .filter(|date| (1..=9999).contains(&date.year()) && text.len() == 10)
             .map(IsoDate)
-            .map_err(|_| InputValueError::custom("expected a date as YYYY-MM-DD"))
+            .ok_or_else(|| {
+                InputValueError::custom("expected a date as YYYY-MM-DD, year 0001 to 9999")
+            })
     }
 
     fn to_value(&self) -> Value {

@@ -253,6 +253,39 @@ async fn only_a_valid_token_gets_in_and_refused_ones_never_reach_a_partner() {
             format!("{header}.{}.{signature}", b64(&escalated)),
         ),
         ("a tampered signature", flipped),
+        (
+            "valid for a hundred years",
+            issuer.sign(&with(
+                claims(&iss),
+                json!({"exp": now() + 100 * 365 * 86_400}),
+            )),
+        ),
+        (
+            "valid for two days, without iat",
+            issuer.sign(&with(
+                claims(&iss),
+                json!({"iat": null, "exp": now() + 2 * 86_400}),
+            )),
+        ),
+        (
+            "issued an hour from now",
+            issuer.sign(&with(claims(&iss), json!({"iat": now() + 3600}))),
+        ),
+        (
+            "a NUL in the subject",
+            issuer.sign(&with(claims(&iss), json!({"sub": "mallory\u{0}admin"}))),
+        ),
+        (
+            "CR/LF in a project, forging a log line",
+            issuer.sign(&with(
+                claims(&iss),
+                json!({"projects": ["ground-truth\r\nINFO granted governance"]}),
+            )),
+        ),
+        (
+            "a right-to-left override in the subject",
+            issuer.sign(&with(claims(&iss), json!({"sub": "mallory\u{202E}nimda"}))),
+        ),
         ("not a JWT", "not-a-token".to_owned()),
         ("an oversized token", "a".repeat(20_000)),
     ];

@@ -245,6 +245,18 @@ async fn invalid_input_is_refused_with_a_stable_code_and_no_partner_is_called(c:
             "GRAPHQL_VALIDATION_FAILED",
         ),
         (
+            json!({"filter": {"studyDate": {"from": "-001-01-01"}}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
+            json!({"filter": {"studyDate": {"to": "0000-12-31"}}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
+            json!({"filter": {"studyDate": {"to": "+10000-01-01"}}, "first": 5}),
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+        (
             json!({"filter": {"studyDate": {"from": "2022-01-01", "to": "2018-01-01"}}, "first": 5}),
             "INVALID_FILTER",
         ),
