@@ -209,6 +209,9 @@ def main():
                 f'[deidentification]\nkey = "${{file:{work / "pseudonym.key"}}}"\n\n'
                 f'[audit]\nstore = "sqlite:audit.db"\ncheckpoint_key = "${{file:{work / "checkpoint.pem"}}}"\n\n'
                 '[cache]\nttl_seconds = CACHE_TTL\n\n'
+                # One benchmark principal asks back to back: no rate limit.
+                '[server]\nper_principal = { concurrent = 64, per_second = 100000.0, burst = 100000 }\n'
+                'per_address = { concurrent = 256, per_second = 100000.0, burst = 100000 }\n\n'
                 '[[projects]]\nid = "bench"\ntitle = "Benchmark"\npurposes = ["DUO:0000042"]\n')
         for name, _ in PARTNERS:
             text += (f'\n[[partners]]\nid = "{name}"\nname = "{name}"\ndeadline_ms = 30000\nutc_offset = "+01:00"\n'

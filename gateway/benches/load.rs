@@ -145,7 +145,10 @@ checkpoint_key = "${{file:{dir}/checkpoint.pem}}"
 
 [server]
 max_connections = 2048
+max_connections_per_address = 2048
 max_in_flight = 2048
+per_address = {{ concurrent = 4096, per_second = 1000000.0, burst = 1000000 }}
+per_principal = {{ concurrent = 4096, per_second = 1000000.0, burst = 1000000 }}
 
 [cache]
 ttl_seconds = {cache_ttl_seconds}

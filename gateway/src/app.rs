@@ -2,6 +2,7 @@
 //! `GET /graphql`, `/healthz`. Testable in memory (`build_app` → `Router`)
 //! and on a real socket (`run(listener, app, shutdown)`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,9 +33,11 @@ use meshgate_schema::fhir::MappingOptions;
 use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use tracing::Instrument as _;
 
+use crate::admission::Admission;
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
@@ -61,6 +64,9 @@ struct AppState {
     server: ServerSection,
     /// One permit per GraphQL request being handled.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight and started, per client address and per principal.
+    per_address: Arc<Admission>,
+    per_principal: Arc<Admission>,
     authenticator: Arc<Authenticator>,
     fatal: FatalHandler,
 }
@@ -455,6 +461,8 @@ pub fn build_app(gateway: Gateway) -> Router {
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             gateway.server.max_in_flight.max(1),
         )),
+        per_address: Arc::new(Admission::new(gateway.server.per_address)),
+        per_principal: Arc::new(Admission::new(gateway.server.per_principal)),
         server: gateway.server,
         services: gateway.services,
         authenticator: gateway.authenticator,
@@ -473,8 +481,12 @@ pub fn build_app(gateway: Gateway) -> Router {
 /// Serves `app` on `listener` until `shutdown` completes, then drains the
 /// requests in flight (at most [`DRAIN_TIMEOUT`]). At most
 /// `server.max_connections` connections are open at once (more wait in the
-/// listen backlog); a connection whose request headers do not arrive within
-/// `server.header_timeout_ms` is closed (bodies are timed by the handler).
+/// listen backlog), and `server.max_connections_per_address` from one
+/// client address (more are closed on accept). A connection with no
+/// request in progress that has not delivered a complete request head
+/// within `server.header_timeout_ms` of opening or of its last response is
+/// closed, whatever it sends (nothing, part of a head, an HTTP/2 preface);
+/// bodies are timed by the handler.
 pub async fn run(
     listener: TcpListener,
     app: Router,
@@ -487,6 +499,7 @@ pub async fn run(
     use tower::ServiceExt as _;
 
     let permits = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     let header_timeout = Duration::from_millis(server.header_timeout_ms.max(1));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -507,12 +520,30 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
-        let service = app.clone().map_request(
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(remote));
-                request.map(Body::new)
-            },
-        );
+        let Some(address_slot) = PerAddress::open(
+            &per_address,
+            remote.ip(),
+            server.max_connections_per_address,
+        ) else {
+            METRICS.connection_refused();
+            drop(stream);
+            continue;
+        };
+        let activity = Arc::new(Activity::new());
+        let (started, finished) = (Arc::clone(&activity), Arc::clone(&activity));
+        let service = app
+            .clone()
+            .map_request(
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    started.begin();
+                    request.extensions_mut().insert(ConnectInfo(remote));
+                    request.map(Body::new)
+                },
+            )
+            .map_response(move |response: Response| {
+                let done = Busy(Arc::clone(&finished));
+                response.map(|body| Body::new(UntilDropped { body, _done: done }))
+            });
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut builder = Builder::new(TokioExecutor::new());
@@ -526,6 +557,12 @@ pub async fn run(
             );
             let mut connection = std::pin::pin!(connection);
             loop {
+                // Quiet: close when the head is late. Busy: look again later.
+                let wake = if activity.idle() {
+                    activity.quiet_until(header_timeout)
+                } else {
+                    Instant::now() + header_timeout
+                };
                 tokio::select! {
                     _ = connection.as_mut() => break,
                     changed = stop.changed() => {
@@ -535,8 +572,15 @@ pub async fn run(
                             break;
                         }
                     }
+                    () = tokio::time::sleep_until(wake) => {
+                        if activity.idle() && activity.quiet_until(header_timeout) <= Instant::now() {
+                            METRICS.connection_refused();
+                            break;
+                        }
+                    }
                 }
             }
+            drop(address_slot);
             drop(permit);
         });
     }
@@ -548,6 +592,131 @@ pub async fn run(
         tracing::warn!("connections still open after the drain timeout; closing");
     }
     Ok(())
+}
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+struct PerAddress(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection of an address; given back when dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    address: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn open(
+        table: &Arc<PerAddress>,
+        address: std::net::IpAddr,
+        most: usize,
+    ) -> Option<AddressSlot> {
+        let mut open = table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(address).or_default();
+        if *count >= most.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: Arc::clone(table),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// What one connection is doing: requests in progress (from a complete
+/// head until the response body is dropped) and when it last went quiet.
+#[derive(Debug)]
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    quiet_since: std::sync::Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            quiet_since: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(&self) {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn idle(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// When the connection is to be closed if it stays quiet.
+    fn quiet_until(&self, timeout: Duration) -> Instant {
+        *self
+            .quiet_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            + timeout
+    }
+}
+
+/// Marks a request finished when its response body is dropped (sent, or
+/// abandoned).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self
+            .0
+            .quiet_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds `_done` until it is dropped.
+struct UntilDropped {
+    body: Body,
+    _done: Busy,
+}
+
+impl axum::body::HttpBody for UntilDropped {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// How long shutdown waits for requests in flight.
@@ -640,23 +809,44 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
+/// `429 RATE_LIMITED` with how long to wait; counted, not audited (no work
+/// was done and nothing was disclosed, and auditing each would let a flood
+/// grow the log).
+fn rate_limited(wait: Duration) -> Response {
+    METRICS.rate_limited();
+    let seconds = wait.as_secs().max(1).to_string();
+    error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "",
+        "RATE_LIMITED",
+        "too many requests from this client; try again after Retry-After seconds",
+        Some((header::RETRY_AFTER, &seconds)),
+    )
+}
+
 async fn handle_graphql(state: AppState, request: Request) -> Response {
-    // Shed load before doing any work: past the limit, answer at once.
-    let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
-        METRICS.shed();
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "",
-            "OVERLOADED",
-            "the gateway is at capacity; try again shortly",
-            Some((header::RETRY_AFTER, "1")),
-        );
+    // One client address, then one principal, gets its share before any
+    // work is done for it.
+    let (client, authorization) = caller(&request);
+    let address = client.map_or_else(|| "unknown".to_owned(), |c| c.ip().to_string());
+    let _address_ticket = match state.per_address.admit(&address) {
+        Ok(ticket) => ticket,
+        Err(wait) => return rate_limited(wait),
     };
-    let context = match authenticate(&state, caller(&request)).await {
+    let context = match authenticate(&state, (client, authorization)).await {
         Ok(context) => context,
         Err(refusal) => return refusal,
     };
     let request_id = context.request_id.clone();
+    let principal_key = context
+        .principal
+        .as_ref()
+        .map(meshgate_schema::Principal::key)
+        .unwrap_or_default();
+    let _principal_ticket = match state.per_principal.admit(&principal_key) {
+        Ok(ticket) => ticket,
+        Err(wait) => return rate_limited(wait),
+    };
 
     let body_timeout = Duration::from_millis(state.server.body_timeout_ms);
     let body = match tokio::time::timeout(
@@ -686,6 +876,19 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
             )
             .await;
         }
+    };
+    // An in-flight permit only once the body is here: slow uploads hold
+    // their own source's share, not the gateway's capacity. Past the
+    // limit, shed at once.
+    let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        METRICS.shed();
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &request_id,
+            "OVERLOADED",
+            "the gateway is at capacity; try again shortly",
+            Some((header::RETRY_AFTER, "1")),
+        );
     };
     let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -964,17 +1167,17 @@ fn error_response(
     request_id: &str,
     code: &str,
     message: &str,
-    extra: Option<(header::HeaderName, &'static str)>,
+    extra: Option<(header::HeaderName, &str)>,
 ) -> Response {
     let mut response = json_response(
         status,
         request_id,
         json!({"errors": [{"message": message, "extensions": {"code": code}}]}),
     );
-    if let Some((name, value)) = extra {
-        response
-            .headers_mut()
-            .insert(name, HeaderValue::from_static(value));
+    if let Some((name, value)) = extra
+        && let Ok(value) = HeaderValue::from_str(value)
+    {
+        response.headers_mut().insert(name, value);
     }
     response
 }

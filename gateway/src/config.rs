@@ -19,6 +19,8 @@ use meshgate_policies::{
 };
 use meshgate_schema::Role;
 use serde::Deserialize;
+
+use crate::admission::RateLimit;
 use toml::Spanned;
 
 use crate::audit::{AuditSettings, StoreLocation};
@@ -184,13 +186,23 @@ pub struct ServerSection {
     pub profile: ServerProfile,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
+    /// Open connections from one client address at most; more are closed
+    /// as soon as they are accepted.
+    pub max_connections_per_address: usize,
     /// GraphQL requests handled at once; more are shed at once with `503
     /// OVERLOADED` and `Retry-After`, so admitted ones keep their latency.
     pub max_in_flight: usize,
-    /// A request's headers must arrive within this…
+    /// A connection must deliver a complete request head within this of
+    /// opening, or of its previous response, whatever protocol it speaks,
+    /// or it is closed…
     pub header_timeout_ms: u64,
-    /// …and its body within this, or the connection is closed.
+    /// …and a request's body within this (`408 REQUEST_TIMEOUT`).
     pub body_timeout_ms: u64,
+    /// What one client address may have in flight and start per second.
+    pub per_address: RateLimit,
+    /// What one principal (issuer and subject) may have in flight and
+    /// start per second.
+    pub per_principal: RateLimit,
     /// What one GraphQL document may ask for.
     pub limits: QueryLimits,
 }
@@ -200,9 +212,12 @@ impl Default for ServerSection {
         ServerSection {
             profile: ServerProfile::Production,
             max_connections: 1024,
+            max_connections_per_address: 128,
             max_in_flight: 256,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
+            per_address: RateLimit::new(128, 200.0, 400),
+            per_principal: RateLimit::new(16, 20.0, 60),
             limits: QueryLimits::default(),
         }
     }

@@ -20,6 +20,7 @@
 //! partners, [`demo`] runs a three-partner gateway on local data with a
 //! [`dev_issuer`] for tokens.
 
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod auth;

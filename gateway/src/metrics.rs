@@ -70,6 +70,8 @@ pub struct Metrics {
     partner_calls: Mutex<BTreeMap<(String, String), u64>>,
     partner_latency: Mutex<BTreeMap<String, Histogram>>,
     shed: AtomicU64,
+    rate_limited: AtomicU64,
+    connections_refused: AtomicU64,
     audit_failures: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
@@ -114,6 +116,17 @@ impl Metrics {
 
     pub fn shed(&self) {
         self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request refused with `429 RATE_LIMITED`.
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection closed on accept (its address had too many open), or
+    /// for delivering no request head in time.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One cache lookup: `hit` when the answer was reused (or another
@@ -190,6 +203,16 @@ impl Metrics {
             out,
             "# HELP meshgate_requests_shed_total Requests refused with OVERLOADED.\n# TYPE meshgate_requests_shed_total counter\nmeshgate_requests_shed_total {}",
             self.shed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_requests_rate_limited_total Requests refused with RATE_LIMITED (per client address or principal).\n# TYPE meshgate_requests_rate_limited_total counter\nmeshgate_requests_rate_limited_total {}",
+            self.rate_limited.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_connections_closed_total Connections closed on accept (too many from one address) or for sending no request head in time.\n# TYPE meshgate_connections_closed_total counter\nmeshgate_connections_closed_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

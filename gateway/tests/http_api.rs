@@ -40,7 +40,7 @@ struct App {
     /// How long the partner takes to answer, in ms.
     partner_delay_ms: Arc<AtomicU32>,
     folder: tempfile::TempDir,
-    _issuer: DevIssuer,
+    issuer: DevIssuer,
 }
 
 async fn app() -> App {
@@ -128,7 +128,7 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
         router: build_app(gateway),
         token,
         folder,
-        _issuer: issuer,
+        issuer,
     }
 }
 
@@ -450,6 +450,136 @@ async fn slow_headers_and_slow_bodies_are_cut_off_after_their_timeouts() {
     let (response, _) = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert!(response.contains("REQUEST_TIMEOUT"), "{response}");
+}
+
+/// A connection to `address` from the loopback address `source` (so a
+/// test can be another client than its attacker).
+async fn connect_from(source: &str, address: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+/// `GET /healthz` from another client address: its status line and how
+/// long the answer took.
+async fn health_check(address: std::net::SocketAddr) -> (String, Duration) {
+    use tokio::io::AsyncWriteExt as _;
+    let started = Instant::now();
+    let mut stream = connect_from("127.0.0.2", address).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: meshgate\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (response, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    let status = response.lines().next().unwrap_or_default().to_owned();
+    (status, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_bare_http2_prefaces_are_closed_while_health_checks_keep_answering()
+{
+    use tokio::io::AsyncWriteExt as _;
+    let (address, _app) = app_with(
+        "[server]\nheader_timeout_ms = 600\nmax_connections = 200\nmax_connections_per_address = 100\n",
+    )
+    .await
+    .listen()
+    .await;
+    // One source opens 150 connections: 120 that send nothing, 30 that send
+    // only an HTTP/2 preface. Past 100 from one address, they are closed
+    // on accept; the rest when their head is late.
+    let mut attack = Vec::new();
+    for i in 0..150 {
+        let mut stream = connect_from("127.0.0.1", address).await;
+        if i % 5 == 0 {
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        attack.push(stream);
+    }
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let (status, took) = health_check(address).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        slowest = slowest.max(took);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "/healthz took {slowest:?}"
+    );
+    // Every attacking connection has been closed by now.
+    for (i, stream) in attack.iter_mut().enumerate() {
+        let (_, closed) = read_until_closed(stream, Duration::from_millis(200)).await;
+        assert!(closed, "attacking connection {i} is still open");
+    }
+    // An idle keep-alive connection after a response is closed too.
+    let mut kept = connect_from("127.0.0.1", address).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: meshgate\r\n\r\n")
+        .await
+        .unwrap();
+    let (response, closed) = read_until_closed(&mut kept, Duration::from_secs(3)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(closed, "an idle keep-alive connection stays open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_from_one_principal_are_limited_and_others_keep_being_served() {
+    use tokio::io::AsyncWriteExt as _;
+    let (address, app) = app_with(
+        "[server]\nmax_in_flight = 8\nbody_timeout_ms = 3000\nper_principal = { concurrent = 4, per_second = 100.0, burst = 100 }\n",
+    )
+    .await
+    .listen()
+    .await;
+    // Forty uploads from one token that never finish their bodies.
+    let mut uploads = Vec::new();
+    for _ in 0..40 {
+        let mut stream = connect_from("127.0.0.1", address).await;
+        stream
+            .write_all(
+                format!(
+                    "POST /graphql HTTP/1.1\r\nHost: meshgate\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"query\":",
+                    app.token
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        uploads.push(stream);
+    }
+    // Past its four, that principal is told to wait, at once.
+    let mut limited = 0;
+    for stream in &mut uploads {
+        let (response, _) = read_until_closed(stream, Duration::from_millis(300)).await;
+        if response.starts_with("HTTP/1.1 429") {
+            assert!(response.contains("RATE_LIMITED"), "{response}");
+            assert!(
+                response.to_ascii_lowercase().contains("retry-after: "),
+                "{response}"
+            );
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 36, "uploads past the principal's four");
+    // Another researcher is served meanwhile: the slow bodies hold no
+    // in-flight permit.
+    let bob = app.issuer.token(
+        &json!({"sub": "bob", "roles": ["researcher"], "projects": ["p1"]}),
+        Duration::from_secs(300),
+    );
+    for _ in 0..10 {
+        let ((status, body), _) = app
+            .send(
+                Some(&bob),
+                json!({"query": "{ me { subject } }"}).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
 }
 
 #[tokio::test]

@@ -550,7 +550,8 @@ impl Gateway {
              [[auth.issuers]]\nissuer = {partner_issuer}\naudiences = [\"meshgate\"]\njwks_url = {partner_jwks}\nalgorithms = [\"EdDSA\"]\n\
              trusted_for = {{ institutions = [\"{PARTNER_ISSUER_INSTITUTION}\"], roles = [\"researcher\"], projects = [\"*\"] }}\n\n\
              [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n\
-             [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n{projects}\n{partners}",
+             [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n\
+             [server]\nper_principal = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\n\n{projects}\n{partners}",
             issuer = toml_string(issuer.issuer()),
             jwks = toml_string(&issuer.jwks_url()),
             partner_issuer = toml_string(partner_issuer.issuer()),

@@ -1,0 +1,147 @@
+//! Per-source admission: how many requests one client address, or one
+//! principal, may have in flight at once and start per second (a token
+//! bucket), so that one source cannot take every in-flight permit or
+//! connection. A refusal names how long to wait (`429` with
+//! `Retry-After`) and comes before any work is done for the request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// Limits for one kind of source.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests in flight at once.
+    pub concurrent: u32,
+    /// Requests started per second, sustained…
+    pub per_second: f64,
+    /// …with bursts of up to this many.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub const fn new(concurrent: u32, per_second: f64, burst: u32) -> RateLimit {
+        RateLimit {
+            concurrent,
+            per_second,
+            burst,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    in_flight: u32,
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Sources beyond this many are pruned of idle, full-bucket entries, so the
+/// table cannot be grown without bound by many addresses or subjects.
+const PRUNE_ABOVE: usize = 10_000;
+
+/// The admission state of every source of one kind.
+#[derive(Debug)]
+pub struct Admission {
+    limit: RateLimit,
+    sources: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+/// Leave to handle one request: its source's in-flight count is given back
+/// when this is dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    key: String,
+    sources: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = sources.get_mut(&self.key) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(limit: RateLimit) -> Admission {
+        Admission {
+            limit,
+            sources: Arc::default(),
+        }
+    }
+
+    /// Admits one request from `key`, or says how long to wait.
+    pub fn admit(&self, key: &str) -> Result<Ticket, Duration> {
+        let limit = self.limit;
+        let burst = f64::from(limit.burst.max(1));
+        let now = Instant::now();
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if sources.len() > PRUNE_ABOVE {
+            sources.retain(|_, e| {
+                e.in_flight > 0
+                    || e.tokens + now.duration_since(e.updated).as_secs_f64() * limit.per_second
+                        < burst
+            });
+        }
+        let entry = sources.entry(key.to_owned()).or_insert(Entry {
+            in_flight: 0,
+            tokens: burst,
+            updated: now,
+        });
+        let elapsed = now.duration_since(entry.updated).as_secs_f64();
+        entry.tokens = (entry.tokens + elapsed * limit.per_second).min(burst);
+        entry.updated = now;
+        if entry.in_flight >= limit.concurrent.max(1) {
+            return Err(Duration::from_secs(1));
+        }
+        if entry.tokens < 1.0 {
+            let wait = if limit.per_second > 0.0 {
+                (1.0 - entry.tokens) / limit.per_second
+            } else {
+                60.0
+            };
+            return Err(Duration::from_secs_f64(wait.clamp(1.0, 3600.0)));
+        }
+        entry.tokens -= 1.0;
+        entry.in_flight += 1;
+        Ok(Ticket {
+            key: key.to_owned(),
+            sources: Arc::clone(&self.sources),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_source_past_its_burst_waits_for_its_rate_and_others_are_not_affected() {
+        let admission = Admission::new(RateLimit::new(100, 20.0, 3));
+        let tickets: Vec<Ticket> = (0..3).map(|_| admission.admit("a").unwrap()).collect();
+        assert_eq!(admission.admit("a").unwrap_err(), Duration::from_secs(1));
+        assert!(
+            admission.admit("b").is_ok(),
+            "another source has its own bucket"
+        );
+        drop(tickets);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(admission.admit("a").is_ok(), "a token back after 50 ms");
+    }
+
+    #[tokio::test]
+    async fn a_source_at_its_concurrency_waits_until_one_of_its_requests_ends() {
+        let admission = Admission::new(RateLimit::new(2, 1000.0, 1000));
+        let first = admission.admit("a").unwrap();
+        let _second = admission.admit("a").unwrap();
+        assert!(admission.admit("a").is_err());
+        drop(first);
+        assert!(admission.admit("a").is_ok());
+    }
+}
