@@ -117,6 +117,86 @@ impl Admission {
     }
 }
 
+/// Failed authentications per client address, so that a flood of bad
+/// tokens writes one audit record per address and interval instead of one
+/// per request, and none is unaccounted for: the first failure of an
+/// interval is recorded at once and stands for itself and any failures
+/// of that address counted and not yet recorded; failures later in the
+/// interval are counted, and recorded together when it ends
+/// ([`FailureTally::due`]) or with the address's next recorded failure.
+#[derive(Debug)]
+pub struct FailureTally {
+    interval: Duration,
+    pending: Mutex<HashMap<String, Tally>>,
+}
+
+#[derive(Debug)]
+struct Tally {
+    opened: Instant,
+    counted: usize,
+}
+
+/// What to do with one failed authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tallied {
+    /// Write its audit record now, standing for this many failures.
+    Record(usize),
+    /// Counted; it will be in the address's next record.
+    Counted,
+}
+
+impl FailureTally {
+    pub fn new(interval: Duration) -> FailureTally {
+        FailureTally {
+            interval,
+            pending: Mutex::default(),
+        }
+    }
+
+    pub fn note(&self, source: &str) -> Tallied {
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        match pending.get_mut(source) {
+            Some(tally) if now.duration_since(tally.opened) < self.interval => {
+                tally.counted += 1;
+                Tallied::Counted
+            }
+            Some(tally) => {
+                let earlier = std::mem::take(&mut tally.counted);
+                tally.opened = now;
+                Tallied::Record(earlier + 1)
+            }
+            None => {
+                pending.insert(
+                    source.to_owned(),
+                    Tally {
+                        opened: now,
+                        counted: 0,
+                    },
+                );
+                Tallied::Record(1)
+            }
+        }
+    }
+
+    /// The addresses whose interval has ended (every one, with `all`) and
+    /// the failures counted for each and not yet recorded; they are
+    /// forgotten here, so the caller must record them.
+    pub fn due(&self, all: bool) -> Vec<(String, usize)> {
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut due = Vec::new();
+        pending.retain(|source, tally| {
+            let ended = all || now.duration_since(tally.opened) >= self.interval;
+            if ended && tally.counted > 0 {
+                due.push((source.clone(), tally.counted));
+            }
+            !ended
+        });
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +213,24 @@ mod tests {
         drop(tickets);
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(admission.admit("a").is_ok(), "a token back after 50 ms");
+    }
+
+    #[tokio::test]
+    async fn failed_authentications_are_recorded_once_per_interval_and_none_is_lost() {
+        let tally = FailureTally::new(Duration::from_millis(100));
+        assert_eq!(tally.note("a"), Tallied::Record(1));
+        for _ in 0..50 {
+            assert_eq!(tally.note("a"), Tallied::Counted);
+        }
+        assert_eq!(tally.note("b"), Tallied::Record(1), "each address apart");
+        assert!(tally.due(false).is_empty(), "the interval has not ended");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // The next failure after the interval stands for the 50 counted.
+        assert_eq!(tally.note("a"), Tallied::Record(51));
+        tally.note("a");
+        tally.note("a");
+        assert_eq!(tally.due(true), vec![("a".to_owned(), 2)]);
+        assert!(tally.due(true).is_empty());
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use tracing::Instrument as _;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, FailureTally, Tallied};
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
@@ -67,6 +67,7 @@ struct AppState {
     /// Requests in flight and started, per client address and per principal.
     per_address: Arc<Admission>,
     per_principal: Arc<Admission>,
+    auth_failures: Arc<FailureTally>,
     authenticator: Arc<Authenticator>,
     fatal: FatalHandler,
 }
@@ -97,7 +98,14 @@ pub struct Gateway {
     pub services: Services,
     pub authenticator: Arc<Authenticator>,
     pub server: ServerSection,
+    /// Failed authentications counted and not yet in the audit log; see
+    /// [`record_failed_authentications`].
+    pub auth_failures: Arc<FailureTally>,
 }
+
+/// Failed authentications from one client address within this are
+/// recorded together.
+pub const AUTH_FAILURE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Builds the connectors, loads the policies and sets up token verification.
 pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
@@ -142,6 +150,40 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
         },
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
         server: loaded.config.server,
+        auth_failures: Arc::new(FailureTally::new(AUTH_FAILURE_INTERVAL)),
+    })
+}
+
+/// Writes the audit records of failed authentications counted and not yet
+/// recorded: those whose interval has ended, or (`all`, at shutdown) every
+/// one. One record per client address, standing for its count.
+pub async fn record_failed_authentications(
+    tally: &FailureTally,
+    audit: &Arc<AuditLog>,
+    fatal: &FatalHandler,
+    all: bool,
+) {
+    for (source, count) in tally.due(all) {
+        let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+        let client = source
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 0));
+        let mut record = RequestContext::new(request_id, client)
+            .audit_record(None, vec!["UNAUTHENTICATED".to_owned()]);
+        record.error_count = count;
+        if let Err(error) = audit.append(&record, fatal).await {
+            tracing::error!(%error, count, "failed authentications could not be recorded");
+        }
+    }
+}
+
+/// Stops the process when the audit log's storage fails (see
+/// [`crate::audit`]).
+pub fn exit_on_audit_storage_failure() -> FatalHandler {
+    Arc::new(|error: &AuditError| {
+        tracing::error!(%error, "the audit log's storage failed; stopping");
+        std::process::exit(EXIT_AUDIT_STORAGE);
     })
 }
 
@@ -452,15 +494,30 @@ fn cloud_dicomweb(
 /// The gateway's routes. A storage failure under the audit log stops the
 /// process (see [`crate::audit`]).
 pub fn build_app(gateway: Gateway) -> Router {
-    let fatal: FatalHandler = Arc::new(|error: &AuditError| {
-        tracing::error!(%error, "the audit log's storage failed; stopping");
-        std::process::exit(EXIT_AUDIT_STORAGE);
+    let fatal = exit_on_audit_storage_failure();
+    // Failed authentications counted in an interval are recorded when it
+    // ends; the task stops with the app.
+    let (tally, audit) = (
+        Arc::downgrade(&gateway.auth_failures),
+        Arc::downgrade(&gateway.services.audit),
+    );
+    let flush_fatal = Arc::clone(&fatal);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(AUTH_FAILURE_INTERVAL / 2);
+        loop {
+            tick.tick().await;
+            let (Some(tally), Some(audit)) = (tally.upgrade(), audit.upgrade()) else {
+                break;
+            };
+            record_failed_authentications(&tally, &audit, &flush_fatal, false).await;
+        }
     });
     let state = AppState {
         schema: schema(gateway.services.clone(), gateway.server.profile),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             gateway.server.max_in_flight.max(1),
         )),
+        auth_failures: gateway.auth_failures,
         per_address: Arc::new(Admission::new(gateway.server.per_address)),
         per_principal: Arc::new(Admission::new(gateway.server.per_principal)),
         server: gateway.server,
@@ -719,6 +776,9 @@ impl axum::body::HttpBody for UntilDropped {
     }
 }
 
+/// Errors listed in one answer; more are counted in one last error.
+const MAX_ERRORS: usize = 20;
+
 /// How long shutdown waits for requests in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -833,10 +893,11 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
         Ok(ticket) => ticket,
         Err(wait) => return rate_limited(wait),
     };
-    let context = match authenticate(&state, (client, authorization)).await {
+    let mut context = match authenticate(&state, (client, authorization)).await {
         Ok(context) => context,
         Err(refusal) => return refusal,
     };
+    context.limits = state.server.limits;
     let request_id = context.request_id.clone();
     let principal_key = context
         .principal
@@ -963,6 +1024,18 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
                 .map(|c| c.to_string().trim_matches('"').to_owned())
         })
         .collect();
+    // The first errors, then how many more: a document cannot make the
+    // answer grow with its error count.
+    if response.errors.len() > MAX_ERRORS {
+        let more = response.errors.len() - MAX_ERRORS;
+        response.errors.truncate(MAX_ERRORS);
+        let mut error = async_graphql::ServerError::new(format!("and {more} more errors"), None);
+        let mut extensions = async_graphql::ErrorExtensionValues::default();
+        extensions.set("code", "MORE_ERRORS");
+        extensions.set("count", more as u64);
+        error.extensions = Some(extensions);
+        response.errors.push(error);
+    }
     let record = context.audit_record(operation, error_codes);
     if commit(&state, &record).await.is_err() {
         // Fail closed: no data leaves without its audit record.
@@ -1020,7 +1093,35 @@ async fn unauthenticated(
             )),
         ),
     };
-    let mut response = refuse(state, context, status, error.code(), &error.to_string()).await;
+    // One record per client address and interval, standing for every
+    // failure since the last (see `FailureTally`).
+    let source = context
+        .client
+        .map_or_else(|| "unknown".to_owned(), |c| c.ip().to_string());
+    let mut response = match state.auth_failures.note(&source) {
+        Tallied::Record(count) => {
+            let mut record = context.audit_record(None, vec![error.code().to_owned()]);
+            record.error_count = count;
+            if commit(state, &record).await.is_err() {
+                audit_unavailable(&context.request_id)
+            } else {
+                error_response(
+                    status,
+                    &context.request_id,
+                    error.code(),
+                    &error.to_string(),
+                    None,
+                )
+            }
+        }
+        Tallied::Counted => error_response(
+            status,
+            &context.request_id,
+            error.code(),
+            &error.to_string(),
+            None,
+        ),
+    };
     if response.status() == status {
         let headers = response.headers_mut();
         if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {

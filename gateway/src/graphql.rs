@@ -21,7 +21,7 @@ use crate::budget::QueryBudgetUse;
 use crate::config::ServerProfile;
 use crate::cursor::{self, Binding, CursorError};
 use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
-use crate::request::{AuditedAccess, AuditedPartner, RequestContext};
+use crate::request::{AuditedAccess, AuditedPartner, OverBudget, RequestContext};
 
 /// Studies per page unless `first` says otherwise.
 pub const DEFAULT_PAGE_SIZE: i32 = 20;
@@ -75,6 +75,8 @@ pub enum ApiError {
     Internal,
     #[error("the audit log cannot be read; try again later")]
     AuditUnavailable,
+    #[error("{0}")]
+    OverBudget(#[from] OverBudget),
 }
 
 impl ApiError {
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::Unauthenticated => "UNAUTHENTICATED",
             ApiError::Internal => "INTERNAL_SERVER_ERROR",
             ApiError::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            ApiError::OverBudget(_) => "REQUEST_BUDGET_EXCEEDED",
         }
     }
 }
@@ -384,6 +387,15 @@ fn node(found: &FoundStudy) -> Result<ImagingStudyNode, ApiError> {
     })
 }
 
+/// Charges one fan-out for `studies` to the request, before it is made.
+fn charge(ctx: &Context<'_>, studies: usize) -> Result<(), ApiError> {
+    match ctx.data::<RequestContext>() {
+        Ok(request) => Ok(request.charge(studies)?),
+        // Every request the gateway serves has its context.
+        Err(_) => Err(ApiError::Internal),
+    }
+}
+
 impl QueryRoot {
     fn query(
         services: &Services,
@@ -441,6 +453,7 @@ impl QueryRoot {
             .map(|c| cursor::decode(key, &binding, &c))
             .transpose()?;
 
+        charge(ctx, first)?;
         let page = services
             .federation
             .page(&query, &grants, first, after.as_ref(), with_series)
@@ -486,6 +499,7 @@ impl QueryRoot {
         let services = services(ctx)?;
         let query = Self::query(services, &project, filter)?;
         let grants = grants(services, principal, &project, &query);
+        charge(ctx, 0)?;
         let (total, partners) = services.federation.count(&query, &grants).await;
         if let Ok(request) = ctx.data::<RequestContext>() {
             request.note(AuditedAccess {

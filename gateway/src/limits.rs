@@ -5,7 +5,8 @@
 //! document built to explode (fragments spreading fragments) costs at most
 //! `max_nodes` steps to refuse.
 
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::Positioned;
+use async_graphql::parser::types::{Directive, ExecutableDocument, Selection, SelectionSet};
 use serde::Deserialize;
 
 /// Limits on one request's document.
@@ -20,6 +21,15 @@ pub struct QueryLimits {
     pub max_aliases: usize,
     /// Fields at the root of one operation.
     pub max_root_fields: usize,
+    /// Directives, all fragments expanded (only `@include` and `@skip`
+    /// exist; each at most once where it is used).
+    pub max_directives: usize,
+    /// Fields that ask the partners (`imagingStudies`, `cohortCount`) in
+    /// one request, aliases included: each is a fan-out to every partner.
+    pub max_fan_outs: usize,
+    /// Studies one request may ask for, summed over its `imagingStudies`
+    /// fields' `first`.
+    pub max_studies: usize,
 }
 
 impl Default for QueryLimits {
@@ -29,6 +39,9 @@ impl Default for QueryLimits {
             max_nodes: 1000,
             max_aliases: 20,
             max_root_fields: 6,
+            max_directives: 20,
+            max_fan_outs: 4,
+            max_studies: 500,
         }
     }
 }
@@ -48,6 +61,12 @@ pub enum LimitError {
     FragmentCycle(String),
     #[error("introspection is disabled")]
     Introspection,
+    #[error("the query uses more than {0} directives")]
+    TooManyDirectives(usize),
+    #[error("directive '@{0}' is not known (only @include and @skip are)")]
+    UnknownDirective(String),
+    #[error("directive '@{0}' is repeated in one place")]
+    RepeatedDirective(String),
 }
 
 impl LimitError {
@@ -58,6 +77,10 @@ impl LimitError {
             LimitError::TooManyAliases(_) => "TOO_MANY_ALIASES",
             LimitError::TooManyRootFields(_) => "TOO_MANY_ROOT_FIELDS",
             LimitError::Introspection => "INTROSPECTION_DISABLED",
+            LimitError::TooManyDirectives(_) => "TOO_MANY_DIRECTIVES",
+            LimitError::UnknownDirective(_) | LimitError::RepeatedDirective(_) => {
+                "INVALID_DIRECTIVE"
+            }
         }
     }
 }
@@ -68,6 +91,7 @@ struct Walk<'a> {
     introspection: bool,
     nodes: usize,
     aliases: usize,
+    directives: usize,
     /// Fragments being expanded, to refuse cycles.
     expanding: Vec<&'a str>,
 }
@@ -86,9 +110,14 @@ pub fn check(
         introspection,
         nodes: 0,
         aliases: 0,
+        directives: 0,
         expanding: Vec::new(),
     };
     for (_, operation) in document.operations.iter() {
+        walk.directives(&operation.node.directives)?;
+        for variable in &operation.node.variable_definitions {
+            walk.directives(&variable.node.directives)?;
+        }
         let roots = walk.selection_set(&operation.node.selection_set.node, 1)?;
         if roots > limits.max_root_fields {
             return Err(LimitError::TooManyRootFields(limits.max_root_fields));
@@ -98,6 +127,29 @@ pub fn check(
 }
 
 impl<'a> Walk<'a> {
+    /// Counts the directives of one place; refuses unknown and repeated ones.
+    fn directives(&mut self, directives: &[Positioned<Directive>]) -> Result<(), LimitError> {
+        for (i, directive) in directives.iter().enumerate() {
+            self.directives += 1;
+            if self.directives > self.limits.max_directives {
+                return Err(LimitError::TooManyDirectives(self.limits.max_directives));
+            }
+            let name = directive.node.name.node.as_str();
+            if !matches!(name, "include" | "skip") {
+                return Err(LimitError::UnknownDirective(
+                    name.chars().take(64).collect(),
+                ));
+            }
+            if directives[..i]
+                .iter()
+                .any(|earlier| earlier.node.name.node == directive.node.name.node)
+            {
+                return Err(LimitError::RepeatedDirective(name.to_owned()));
+            }
+        }
+        Ok(())
+    }
+
     /// Walks one selection set at `depth`; returns how many fields it
     /// selects directly (fragments expanded).
     fn selection_set(&mut self, set: &'a SelectionSet, depth: usize) -> Result<usize, LimitError> {
@@ -113,6 +165,7 @@ impl<'a> Walk<'a> {
             match &item.node {
                 Selection::Field(field) => {
                     fields += 1;
+                    self.directives(&field.node.directives)?;
                     let name = field.node.name.node.as_str();
                     if !self.introspection && (name == "__schema" || name == "__type") {
                         return Err(LimitError::Introspection);
@@ -128,9 +181,11 @@ impl<'a> Walk<'a> {
                     }
                 }
                 Selection::InlineFragment(fragment) => {
+                    self.directives(&fragment.node.directives)?;
                     fields += self.selection_set(&fragment.node.selection_set.node, depth)?;
                 }
                 Selection::FragmentSpread(spread) => {
+                    self.directives(&spread.node.directives)?;
                     let name = spread.node.fragment_name.node.as_str();
                     if self.expanding.contains(&name) {
                         return Err(LimitError::FragmentCycle(name.to_owned()));
@@ -140,6 +195,7 @@ impl<'a> Walk<'a> {
                     else {
                         continue;
                     };
+                    self.directives(&definition.node.directives)?;
                     self.expanding.push(key.as_str());
                     fields += self.selection_set(&definition.node.selection_set.node, depth)?;
                     self.expanding.pop();
@@ -213,5 +269,40 @@ mod tests {
             checked("{ __typename x: __type(name: \"Partner\") { name } }"),
             Err(LimitError::Introspection)
         );
+    }
+
+    #[test]
+    fn directives_are_counted_and_unknown_or_repeated_ones_refused() {
+        // The amplification seen in the wild: one field, 10,000 @include.
+        let repeated = format!(
+            "{{ me {{ subject {} }} }}",
+            "@include(if: true) ".repeat(10_000)
+        );
+        assert_eq!(
+            checked(&repeated),
+            Err(LimitError::RepeatedDirective("include".into()))
+        );
+        assert_eq!(
+            checked("{ me { subject @include(if: true) @include(if: true) } }"),
+            Err(LimitError::RepeatedDirective("include".into()))
+        );
+        assert_eq!(
+            checked("{ me { subject @deprecated } }"),
+            Err(LimitError::UnknownDirective("deprecated".into()))
+        );
+        assert_eq!(
+            checked("query Q @whatever { me { subject } }"),
+            Err(LimitError::UnknownDirective("whatever".into()))
+        );
+        assert_eq!(
+            checked("{ me { subject @include(if: true) @skip(if: false) } }"),
+            Ok(())
+        );
+        // Counted where a fragment is spread.
+        let fragment = format!(
+            "{{ me {{ {} }} }} fragment f on Principal {{ subject @skip(if: false) }}",
+            "...f ".repeat(21)
+        );
+        assert_eq!(checked(&fragment), Err(LimitError::TooManyDirectives(20)));
     }
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -490,7 +491,20 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
         );
     }
     let server = gateway.server;
+    let (tally, audit) = (
+        Arc::clone(&gateway.auth_failures),
+        Arc::clone(&gateway.services.audit),
+    );
     run(listener, build_app(gateway), &server, shutdown_signal()).await?;
+    // Failed authentications counted and not yet recorded go in the log
+    // before the process ends.
+    meshgate_gateway::app::record_failed_authentications(
+        &tally,
+        &audit,
+        &meshgate_gateway::app::exit_on_audit_storage_failure(),
+        true,
+    )
+    .await;
     Ok(())
 }
 

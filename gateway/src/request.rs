@@ -6,11 +6,14 @@
 //! response leaves.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
 use meshgate_schema::{Principal, Role};
 use serde::Serialize;
+
+use crate::limits::QueryLimits;
 
 /// Per-request data the resolvers see.
 #[derive(Debug, Clone)]
@@ -21,6 +24,26 @@ pub struct RequestContext {
     pub principal: Option<Principal>,
     /// What the resolvers did, for the audit record.
     pub trail: Arc<Mutex<Vec<AuditedAccess>>>,
+    /// What the request may still ask of the partners.
+    pub limits: QueryLimits,
+    spent: Arc<Spent>,
+}
+
+/// What one request has asked of the partners so far.
+#[derive(Debug, Default)]
+struct Spent {
+    fan_outs: AtomicUsize,
+    studies: AtomicUsize,
+}
+
+/// A request asked the partners for more than one request may.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "one request may ask the partners at most {fan_outs} times for at most {studies} studies in all; split it into several requests"
+)]
+pub struct OverBudget {
+    pub fan_outs: usize,
+    pub studies: usize,
 }
 
 impl RequestContext {
@@ -30,7 +53,25 @@ impl RequestContext {
             client,
             principal: None,
             trail: Arc::default(),
+            limits: QueryLimits::default(),
+            spent: Arc::default(),
         }
+    }
+
+    /// Charges one fan-out to every partner, for up to `studies` studies,
+    /// before it is made; refused once the request's budget is spent
+    /// (aliased fields each count).
+    pub fn charge(&self, studies: usize) -> Result<(), OverBudget> {
+        let over = OverBudget {
+            fan_outs: self.limits.max_fan_outs,
+            studies: self.limits.max_studies,
+        };
+        let fan_outs = self.spent.fan_outs.fetch_add(1, Ordering::SeqCst) + 1;
+        let asked = self.spent.studies.fetch_add(studies, Ordering::SeqCst) + studies;
+        if fan_outs > self.limits.max_fan_outs || asked > self.limits.max_studies {
+            return Err(over);
+        }
+        Ok(())
     }
 
     /// Notes one data access for the audit record.
@@ -41,13 +82,43 @@ impl RequestContext {
         }
     }
 
-    /// The audit record of this request; it failed if any error code is given.
+    /// The audit record of this request; it failed if any error code is
+    /// given. Each code is kept once, in order, with how many errors there
+    /// were in all; the operation name is cut to [`MAX_OPERATION_NAME`]
+    /// characters, and past [`MAX_RECORD_BYTES`] the normalised filters
+    /// give way to their fingerprints, so no request can write a large
+    /// record.
     pub fn audit_record(&self, operation: Option<String>, error_codes: Vec<String>) -> AuditRecord {
-        let accesses = match self.trail.lock() {
+        let mut accesses = match self.trail.lock() {
             Ok(trail) => trail.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
+        let error_count = error_codes.len();
+        let mut codes: Vec<String> = Vec::new();
+        for code in error_codes {
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
+        let operation = operation.map(|name| {
+            if name.chars().count() > MAX_OPERATION_NAME {
+                name.chars().take(MAX_OPERATION_NAME).chain(['…']).collect()
+            } else {
+                name
+            }
+        });
+        let size: usize = accesses
+            .iter()
+            .map(|a| serde_json::to_vec(a).map_or(0, |v| v.len()))
+            .sum();
+        if size > MAX_RECORD_BYTES {
+            for access in &mut accesses {
+                access.filter = serde_json::json!({"omitted": "too large; see filter_fingerprint"});
+            }
+        }
+        let error_codes = codes;
         AuditRecord {
+            error_count,
             request_id: self.request_id.clone(),
             client: self.client.map(|c| c.ip().to_string()),
             principal: self.principal.as_ref().map(|p| AuditedPrincipal {
@@ -126,6 +197,14 @@ pub struct AuditRecord {
     pub principal: Option<AuditedPrincipal>,
     pub operation: Option<String>,
     pub outcome: &'static str,
+    /// Each error code once…
     pub error_codes: Vec<String>,
+    /// …and how many errors there were.
+    pub error_count: usize,
     pub accesses: Vec<AuditedAccess>,
 }
+
+/// Characters of a client's operation name kept in an audit record.
+pub const MAX_OPERATION_NAME: usize = 128;
+/// Bytes of accesses in one audit record before filters are left out.
+pub const MAX_RECORD_BYTES: usize = 32 * 1024;

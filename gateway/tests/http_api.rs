@@ -32,6 +32,7 @@ struct App {
     router: axum::Router,
     token: String,
     audit: Arc<AuditLog>,
+    auth_failures: Arc<meshgate_gateway::admission::FailureTally>,
     server: ServerSection,
     /// Requests the partner has had.
     partner_hits: Arc<AtomicU32>,
@@ -121,6 +122,7 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
     let gateway = start(&loaded).await.unwrap();
     App {
         audit: Arc::clone(&gateway.services.audit),
+        auth_failures: Arc::clone(&gateway.auth_failures),
         server: gateway.server,
         partner_hits,
         partner_failing,
@@ -273,13 +275,39 @@ async fn requests_without_a_valid_token_get_401_with_a_challenge_before_anything
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(challenge.unwrap().contains(r#"error="invalid_token""#));
 
+    // From one client address, the first failure of an interval is
+    // recorded at once; later ones are counted and recorded together when
+    // the interval ends (or at shutdown): nothing unaudited.
     let records = app.records().await;
-    assert_eq!(records.len(), 2, "refusals are audited");
+    assert_eq!(records.len(), 1, "the first refusal is recorded at once");
+    for _ in 0..50 {
+        let ((status, _), _) = app.send(Some("not.a.jwt"), "{}").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        app.records().await.len(),
+        1,
+        "a flood does not grow the log"
+    );
+    meshgate_gateway::app::record_failed_authentications(
+        &app.auth_failures,
+        &app.audit,
+        &meshgate_gateway::app::exit_on_audit_storage_failure(),
+        true,
+    )
+    .await;
+    let records = app.records().await;
+    assert_eq!(records.len(), 2);
     assert!(
         records
             .iter()
             .all(|r| r["principal"].is_null() && r["outcome"] == "failure")
     );
+    let counted: u64 = records
+        .iter()
+        .map(|r| r["error_count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 52, "every refusal is accounted for");
 }
 
 #[tokio::test]
@@ -336,7 +364,24 @@ async fn hostile_documents_are_refused_with_their_code_before_any_partner_is_ask
         (
             format!("{{ {count} me @leak {{ subject }} }}"),
             StatusCode::BAD_REQUEST,
-            "GRAPHQL_VALIDATION_FAILED",
+            "INVALID_DIRECTIVE",
+        ),
+        // 10,000 repeats of one directive: one error, not 9,999.
+        (
+            format!(
+                "{{ me {{ subject {} }} }}",
+                "@include(if: true) ".repeat(10_000)
+            ),
+            StatusCode::BAD_REQUEST,
+            "INVALID_DIRECTIVE",
+        ),
+        (
+            format!(
+                "{{ me {{ {} }} }} fragment f on Principal {{ subject @skip(if: false) }}",
+                "...f ".repeat(21)
+            ),
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_DIRECTIVES",
         ),
         // Production profile: the API does not describe itself.
         (
@@ -353,6 +398,23 @@ async fn hostile_documents_are_refused_with_their_code_before_any_partner_is_ask
             "{body}"
         );
         assert!(body.get("data").is_none_or(Value::is_null), "{body}");
+        assert_eq!(body["errors"].as_array().unwrap().len(), 1, "{body}");
+    }
+    // Thirty unknown fields: twenty errors, then how many more.
+    let unknown: String = (0..30).map(|n| format!("x{n} ")).collect();
+    let (got, body) = app
+        .post(json!({"query": format!("{{ me {{ {unknown} }} }}")}).to_string())
+        .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+    let errors = body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 21, "{body}");
+    assert_eq!(errors[20]["extensions"]["code"], "MORE_ERRORS");
+    assert_eq!(errors[20]["extensions"]["count"], 10);
+    // Every refusal's audit record is small, whatever the document.
+    let records = app.records().await;
+    for record in &records {
+        let size = record.to_string().len();
+        assert!(size < 4096, "an audit record of {size} bytes: {record}");
     }
     // No suggestions either: a misspelt field is not corrected.
     let (_, body) = app
@@ -377,6 +439,27 @@ async fn hostile_documents_are_refused_with_their_code_before_any_partner_is_ask
         app.partner_hits.load(Ordering::SeqCst),
         before,
         "no partner was asked"
+    );
+    // Six aliased pages of 500 in 700 bytes: the partners are asked for at
+    // most one request's budget (500 studies); the rest are refused.
+    let hits = app.partner_hits.load(Ordering::SeqCst);
+    let pages: String = (0..6)
+        .map(|n| format!("p{n}: imagingStudies(project: \"p1\", first: 500) {{ nodes {{ studyInstanceUid }} }} "))
+        .collect();
+    let (got, body) = app
+        .post(json!({"query": format!("{{ {pages} }}")}).to_string())
+        .await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+    let refused = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["extensions"]["code"] == "REQUEST_BUDGET_EXCEEDED")
+        .count();
+    assert_eq!(refused, 5, "{body}");
+    assert!(
+        app.partner_hits.load(Ordering::SeqCst) - hits <= 2,
+        "one page's partner calls at most"
     );
     // An ordinary query still reaches the partner.
     let (status, _) = app
