@@ -33,11 +33,12 @@ use meshgate_schema::fhir::MappingOptions;
 use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use tracing::Instrument as _;
 
-use crate::admission::{Admission, FailureTally, Tallied};
+use crate::admission::{Admission, FailureTally, Tallied, Ticket};
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
 use crate::auth::{AuthError, Authenticator};
@@ -776,6 +777,22 @@ impl axum::body::HttpBody for UntilDropped {
     }
 }
 
+/// Audit entries read from the store at a time for an export.
+const EXPORT_BATCH: i64 = 200;
+
+/// An audit export in progress.
+struct Export {
+    audit: Arc<AuditLog>,
+    selection: crate::audit::Selection,
+    /// The batch read before the answer started.
+    rows: Option<Vec<crate::audit::StoredEntry>>,
+    /// Entries asked for in the last batch…
+    asked: i64,
+    /// …and still to be asked for.
+    left: i64,
+    _held: (OwnedSemaphorePermit, Tickets),
+}
+
 /// Errors listed in one answer; more are counted in one last error.
 const MAX_ERRORS: usize = 20;
 
@@ -884,30 +901,61 @@ fn rate_limited(wait: Duration) -> Response {
     )
 }
 
-async fn handle_graphql(state: AppState, request: Request) -> Response {
-    // One client address, then one principal, gets its share before any
-    // work is done for it.
-    let (client, authorization) = caller(&request);
+/// A request's shares of its client address's and its principal's limits,
+/// held until it is answered.
+struct Tickets {
+    _address: Ticket,
+    _principal: Ticket,
+}
+
+/// Admits a request: its client address's share (before the token is
+/// checked), its token, then its principal's share; or the answer to send
+/// instead. No other work is done for a request before this.
+async fn admit(
+    state: &AppState,
+    (client, authorization): (Option<SocketAddr>, Option<String>),
+) -> Result<(RequestContext, Tickets), Response> {
     let address = client.map_or_else(|| "unknown".to_owned(), |c| c.ip().to_string());
-    let _address_ticket = match state.per_address.admit(&address) {
-        Ok(ticket) => ticket,
-        Err(wait) => return rate_limited(wait),
-    };
-    let mut context = match authenticate(&state, (client, authorization)).await {
-        Ok(context) => context,
-        Err(refusal) => return refusal,
-    };
+    let address_ticket = state.per_address.admit(&address).map_err(rate_limited)?;
+    let mut context = authenticate(state, (client, authorization)).await?;
     context.limits = state.server.limits;
-    let request_id = context.request_id.clone();
     let principal_key = context
         .principal
         .as_ref()
         .map(meshgate_schema::Principal::key)
         .unwrap_or_default();
-    let _principal_ticket = match state.per_principal.admit(&principal_key) {
-        Ok(ticket) => ticket,
-        Err(wait) => return rate_limited(wait),
+    let principal_ticket = state
+        .per_principal
+        .admit(&principal_key)
+        .map_err(rate_limited)?;
+    Ok((
+        context,
+        Tickets {
+            _address: address_ticket,
+            _principal: principal_ticket,
+        },
+    ))
+}
+
+/// `503 OVERLOADED`, at once: the gateway's `max_in_flight` permits are
+/// all taken.
+fn overloaded(request_id: &str) -> Response {
+    METRICS.shed();
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        request_id,
+        "OVERLOADED",
+        "the gateway is at capacity; try again shortly",
+        Some((header::RETRY_AFTER, "1")),
+    )
+}
+
+async fn handle_graphql(state: AppState, request: Request) -> Response {
+    let (context, _tickets) = match admit(&state, caller(&request)).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
     };
+    let request_id = context.request_id.clone();
 
     let body_timeout = Duration::from_millis(state.server.body_timeout_ms);
     let body = match tokio::time::timeout(
@@ -942,14 +990,7 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     // their own source's share, not the gateway's capacity. Past the
     // limit, shed at once.
     let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
-        METRICS.shed();
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &request_id,
-            "OVERLOADED",
-            "the gateway is at capacity; try again shortly",
-            Some((header::RETRY_AFTER, "1")),
-        );
+        return overloaded(&request_id);
     };
     let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -1166,11 +1207,14 @@ async fn export_audit_events(
     axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
     request: Request,
 ) -> Response {
-    let context = match authenticate(&state, caller(&request)).await {
-        Ok(context) => context,
+    let (context, tickets) = match admit(&state, caller(&request)).await {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal,
     };
     let request_id = context.request_id.clone();
+    let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        return overloaded(&request_id);
+    };
     let Some(principal) = context.principal.clone() else {
         return audit_unavailable(&request_id);
     };
@@ -1197,7 +1241,10 @@ async fn export_audit_events(
     let mut selection = audit_selection(&state.services, &principal, filter, before);
     // As stored: `success` or `failure` (anything else matches nothing).
     selection.outcome = param("outcome").map(|o| o.to_lowercase());
-    let rows = match state.services.audit.store().select(&selection, limit).await {
+    // The first batch before the answer starts: a store that cannot be
+    // read is a 503, not a cut-off 200.
+    let asked = limit.min(EXPORT_BATCH);
+    let first = match state.services.audit.store().select(&selection, asked).await {
         Ok(rows) => rows,
         Err(_) => return audit_unavailable(&request_id),
     };
@@ -1205,12 +1252,54 @@ async fn export_audit_events(
     if commit(&state, &record).await.is_err() {
         return audit_unavailable(&request_id);
     }
-    let mut body = String::new();
-    for row in &rows {
-        body.push_str(&crate::audit::audit_event(row).to_string());
-        body.push('\n');
-    }
-    let mut response = (StatusCode::OK, Body::from(body)).into_response();
+    // Streamed a batch at a time from the store (newest first, paging
+    // backwards by sequence number): memory holds one batch whatever the
+    // limit, and the permit and tickets are held until the last line.
+    let export = Export {
+        audit: Arc::clone(&state.services.audit),
+        selection,
+        rows: Some(first),
+        asked,
+        left: limit - asked,
+        _held: (permit, tickets),
+    };
+    let batches = futures::stream::unfold(export, |mut export| async move {
+        let rows = match export.rows.take() {
+            Some(rows) => rows,
+            None if export.left <= 0 => return None,
+            None => {
+                export.asked = export.left.min(EXPORT_BATCH);
+                export.left -= export.asked;
+                match export
+                    .audit
+                    .store()
+                    .select(&export.selection, export.asked)
+                    .await
+                {
+                    Ok(rows) => rows,
+                    Err(error) => {
+                        // Cut short: the client sees the body fail, not a
+                        // complete one.
+                        tracing::warn!(%error, "audit export cut short");
+                        export.left = 0;
+                        return Some((Err(std::io::Error::other("audit store")), export));
+                    }
+                }
+            }
+        };
+        let last = rows.last()?.seq;
+        if (rows.len() as i64) < export.asked {
+            export.left = 0; // the store has no more
+        }
+        export.selection.before = Some(last);
+        let mut text = String::new();
+        for row in &rows {
+            text.push_str(&crate::audit::audit_event(row).to_string());
+            text.push('\n');
+        }
+        Some((Ok(axum::body::Bytes::from(text)), export))
+    });
+    let mut response = (StatusCode::OK, Body::from_stream(batches)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

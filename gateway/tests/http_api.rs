@@ -665,6 +665,93 @@ async fn slow_uploads_from_one_principal_are_limited_and_others_keep_being_serve
     }
 }
 
+/// The peak resident set of this process (the gateway runs in it), bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_audit_exports_stream_in_bounded_memory_and_each_is_complete() {
+    use futures::StreamExt as _;
+    let app = Arc::new(
+        app_with("[server]\nper_principal = { concurrent = 64, per_second = 100000.0, burst = 100000 }\nper_address = { concurrent = 64, per_second = 100000.0, burst = 100000 }\n")
+            .await,
+    );
+    // 4,000 audited requests, each with a sizeable normalised filter.
+    let uids: Vec<String> = (0..40)
+        .map(|n| format!("1.2.826.0.1.3680043.8.498.{n}"))
+        .collect();
+    let query = json!({
+        "query": "query($f: StudyFilter) { cohortCount(project: \"p1\", filter: $f) { total } }",
+        "variables": {"f": {"studyInstanceUids": uids}},
+    })
+    .to_string();
+    let seeding: Vec<_> = (0..8)
+        .map(|_| {
+            let (app, query) = (Arc::clone(&app), query.clone());
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let (status, body) = app.post(query.clone()).await;
+                    assert_eq!(status, StatusCode::OK, "{body}");
+                }
+            })
+        })
+        .collect();
+    for task in seeding {
+        task.await.unwrap();
+    }
+    let before = peak_rss();
+    // Thirty governance-wide exports of up to 10,000 events at once, read
+    // as they stream.
+    let exports: Vec<_> = (0..30)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                let response = app
+                    .router
+                    .clone()
+                    .oneshot(
+                        Request::get("/audit/AuditEvent.ndjson?limit=10000")
+                            .header("authorization", format!("Bearer {}", app.token))
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let mut lines = 0;
+                let mut stream = response.into_body().into_data_stream();
+                while let Some(chunk) = stream.next().await {
+                    lines += chunk.unwrap().iter().filter(|b| **b == b'\n').count();
+                }
+                lines
+            })
+        })
+        .collect();
+    for task in exports {
+        let lines = task.await.unwrap();
+        // Alice sees her own 4,000 requests (and earlier exports' records).
+        assert!(lines >= 4000, "an export had {lines} events");
+    }
+    let grown = peak_rss().saturating_sub(before);
+    println!(
+        "30 concurrent exports of >= 4,000 events grew the peak RSS by {} MiB",
+        grown >> 20
+    );
+    assert!(
+        grown < 96 << 20,
+        "exports grew the process by {} MiB",
+        grown >> 20
+    );
+}
+
 #[tokio::test]
 async fn open_connections_are_capped() {
     use tokio::io::AsyncWriteExt as _;
