@@ -69,6 +69,7 @@ struct AppState {
     per_address: Arc<Admission>,
     per_principal: Arc<Admission>,
     auth_failures: Arc<FailureTally>,
+    metrics_token: Option<meshgate_connectors::Secret>,
     authenticator: Arc<Authenticator>,
     fatal: FatalHandler,
 }
@@ -102,6 +103,9 @@ pub struct Gateway {
     /// Failed authentications counted and not yet in the audit log; see
     /// [`record_failed_authentications`].
     pub auth_failures: Arc<FailureTally>,
+    /// The bearer token `/metrics` asks for on the API listener; without
+    /// one it is not served there.
+    pub metrics_token: Option<meshgate_connectors::Secret>,
 }
 
 /// Failed authentications from one client address within this are
@@ -152,6 +156,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
         server: loaded.config.server,
         auth_failures: Arc::new(FailureTally::new(AUTH_FAILURE_INTERVAL)),
+        metrics_token: loaded.metrics_token.clone(),
     })
 }
 
@@ -519,6 +524,7 @@ pub fn build_app(gateway: Gateway) -> Router {
             gateway.server.max_in_flight.max(1),
         )),
         auth_failures: gateway.auth_failures,
+        metrics_token: gateway.metrics_token,
         per_address: Arc::new(Admission::new(gateway.server.per_address)),
         per_principal: Arc::new(Admission::new(gateway.server.per_principal)),
         server: gateway.server,
@@ -534,6 +540,18 @@ pub fn build_app(gateway: Gateway) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The router of a listener of its own for `/metrics` (`[metrics] listen`):
+/// nothing else, and no token.
+pub fn metrics_router(services: Services) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let services = services.clone();
+            async move { render_metrics(&services) }
+        }),
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains the
@@ -1313,9 +1331,41 @@ async fn export_audit_events(
 
 /// Prometheus metrics (text exposition format). No patient data, tokens or
 /// credentials: labels are status codes and partner ids.
-async fn metrics(State(state): State<AppState>) -> Response {
-    let circuits: Vec<(String, bool)> = state
-        .services
+/// On the API listener only with `[metrics] token`, for that bearer
+/// token; otherwise `404`, as if there were no such path.
+async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+    let Some(token) = &state.metrics_token else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let offered = caller(&request)
+        .1
+        .and_then(|value| value.strip_prefix("Bearer ").map(str::to_owned))
+        .unwrap_or_default();
+    if !same_secret(offered.as_bytes(), token.expose().as_bytes()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                r#"Bearer realm="meshgate-metrics""#,
+            )],
+        )
+            .into_response();
+    }
+    render_metrics(&state.services)
+}
+
+/// Compares in time that depends on the lengths only.
+fn same_secret(offered: &[u8], expected: &[u8]) -> bool {
+    offered.len() == expected.len()
+        && offered
+            .iter()
+            .zip(expected)
+            .fold(0_u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
+}
+
+fn render_metrics(services: &Services) -> Response {
+    let circuits: Vec<(String, bool)> = services
         .federation
         .partners()
         .iter()
@@ -1323,10 +1373,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        METRICS.render(
-            &circuits,
-            state.services.federation.cache().weighted_bytes(),
-        ),
+        METRICS.render(&circuits, services.federation.cache().weighted_bytes()),
     )
         .into_response()
 }

@@ -57,6 +57,9 @@ pub struct Config {
     /// Where traces are exported.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// Who may read `/metrics`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,
@@ -175,6 +178,20 @@ pub struct PoliciesSection {
 pub struct DeidentificationSection {
     /// At least 32 bytes, as `${env:NAME}` or `${file:PATH}`.
     pub key: SecretRef,
+}
+
+/// `[metrics]`: who may read the Prometheus metrics. With neither key,
+/// `/metrics` is not served at all: metrics say how busy and healthy each
+/// partner is, which is not for whoever reaches the API port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// A listener of its own serving only `/metrics`, without a token
+    /// (bind it to an address only the scraper reaches).
+    pub listen: Option<SocketAddr>,
+    /// `/metrics` on the API listener, for `Authorization: Bearer` with
+    /// this token (`${env:NAME}` or `${file:PATH}`).
+    pub token: Option<SecretRef>,
 }
 
 /// `[server]`: limits on connections and requests.
@@ -598,6 +615,8 @@ pub struct LoadedConfig {
     pub config: Config,
     pub secrets: ResolvedSecrets,
     pub pseudonym_key: MasterKey,
+    /// The bearer token `/metrics` asks for on the API listener.
+    pub metrics_token: Option<Secret>,
     pub issuers: Vec<IssuerSettings>,
     pub audit: AuditSettings,
     /// The policies, loaded and validated once.
@@ -827,6 +846,15 @@ impl Config {
             .map_err(|message| located(key_span.clone(), message))?;
         let pseudonym_key = MasterKey::new(key.expose().as_bytes())
             .map_err(|error| located(key_span, error.to_string()))?;
+        let metrics_token = config
+            .metrics
+            .token
+            .as_ref()
+            .map(|reference| {
+                let span = span_at(text, &[Key::Name("metrics"), Key::Name("token")]);
+                resolve_secret(reference, base, env).map_err(|message| located(span, message))
+            })
+            .transpose()?;
         let audit = audit_settings(&config.audit, base, text, env, &located)?;
         let policies = policy_config(&config, base, &located)?;
         let authorizer = Authorizer::new(&policies).map_err(policy_error)?;
@@ -834,6 +862,7 @@ impl Config {
             config,
             secrets: ResolvedSecrets(secrets),
             pseudonym_key,
+            metrics_token,
             issuers,
             audit,
             authorizer: Arc::new(authorizer),

@@ -158,15 +158,7 @@ pub fn prepare(
     };
     // Keys are readable by their owner only.
     let write_private = |path: &Path, text: &[u8]| -> Result<(), DemoError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut file| file.write_all(text))
-            .map_err(|e| DemoError::Io(path.to_owned(), e))
+        crate::audit::write_key_file(path, text).map_err(|e| DemoError::Io(path.to_owned(), e))
     };
     for (name, text) in EXAMPLE_POLICIES {
         write(&data.join("policies").join(name), text.as_bytes())?;

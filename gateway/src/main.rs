@@ -106,9 +106,13 @@ enum AuditCommand {
         #[arg(long)]
         checkpoints: Option<PathBuf>,
     },
-    /// Print a new Ed25519 checkpoint key (PKCS#8 PEM) for `[audit]
-    /// checkpoint_key`.
-    Keygen,
+    /// Make a new Ed25519 checkpoint key (PKCS#8 PEM) for `[audit]
+    /// checkpoint_key`: written to `--out` readable by its owner only
+    /// (mode 0600, never over an existing file), or printed.
+    Keygen {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,12 +217,21 @@ fn main() -> ExitCode {
                 },
         } => run_to_exit(audit_verify(config, checkpoints)),
         Command::Audit {
-            command: AuditCommand::Keygen,
+            command: AuditCommand::Keygen { out },
         } => match audit::new_checkpoint_key_pem() {
-            Ok(pem) => {
-                print!("{pem}");
-                ExitCode::SUCCESS
-            }
+            Ok(pem) => match out {
+                None => {
+                    print!("{pem}");
+                    ExitCode::SUCCESS
+                }
+                Some(path) => match audit::write_key_file(&path, pem.as_bytes()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("error: cannot write {}: {error}", path.display());
+                        ExitCode::FAILURE
+                    }
+                },
+            },
             Err(error) => {
                 eprintln!("error: {error}");
                 ExitCode::FAILURE
@@ -489,6 +502,14 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
              {{\"Authorization\": \"Bearer <the researcher token>\"}}\nand try:\n\n{}\n",
             demo::SAMPLE_QUERY
         );
+    }
+    if let Some(metrics_address) = loaded.config.metrics.listen {
+        let metrics = TcpListener::bind(metrics_address)
+            .await
+            .with_context(|| format!("cannot listen on {metrics_address} for /metrics"))?;
+        let router = meshgate_gateway::app::metrics_router(gateway.services.clone());
+        println!("metrics on http://{}/metrics", metrics.local_addr()?);
+        tokio::spawn(async move { axum::serve(metrics, router).await });
     }
     let server = gateway.server;
     let (tally, audit) = (

@@ -49,9 +49,27 @@ fn valid_config(dir: &std::path::Path) -> std::path::PathBuf {
     let key = dir.join("pseudonym.key");
     std::fs::write(&key, "x".repeat(32)).unwrap();
     let checkpoint_key = dir.join("checkpoint.pem");
-    let pem = meshgate().args(["audit", "keygen"]).output().unwrap();
-    assert!(pem.status.success());
-    std::fs::write(&checkpoint_key, &pem.stdout).unwrap();
+    let made = meshgate()
+        .args(["audit", "keygen", "--out"])
+        .arg(&checkpoint_key)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&checkpoint_key)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+    }
+    // Never over an existing key.
+    let again = meshgate()
+        .args(["audit", "keygen", "--out"])
+        .arg(&checkpoint_key)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
     let file = dir.join("meshgate.toml");
     std::fs::write(
         &file,

@@ -44,6 +44,9 @@ struct App {
     issuer: DevIssuer,
 }
 
+/// What the Prometheus scraper presents for `/metrics`.
+const METRICS_TOKEN: &str = "scraper-token-7f3a9c0d2e";
+
 async fn app() -> App {
     app_with("").await
 }
@@ -89,6 +92,8 @@ key = "${{file:{key}}}"
 store = "sqlite:audit.db"
 checkpoint_key = "${{file:{checkpoint_key}}}"
 
+{metrics}
+
 [[projects]]
 id = "p1"
 title = "Project one"
@@ -108,7 +113,14 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
         jwks = issuer.jwks_url(),
         key = key.display(),
         checkpoint_key = checkpoint_key.display(),
+        // A scraper's token, unless the test sets `[metrics]` itself.
+        metrics = if extra.contains("[metrics]") {
+            ""
+        } else {
+            "[metrics]\ntoken = \"${file:metrics.token}\"\n"
+        },
     );
+    std::fs::write(folder.path().join("metrics.token"), METRICS_TOKEN).unwrap();
     let loaded = Config::from_toml(
         &text,
         &folder.path().join("meshgate.toml"),
@@ -828,13 +840,26 @@ async fn a_failing_partner_trips_its_breaker_is_not_called_while_open_and_is_cal
     assert!(app.partner_hits.load(Ordering::SeqCst) > before);
 
     // Operators see it in the metrics: calls by outcome, breaker state,
-    // latency; and nothing about who asked or what.
-    let response = app
-        .router
-        .clone()
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    // latency; and nothing about who asked or what. Only the scraper's
+    // token opens them (not a researcher's).
+    let metrics_with = |token: Option<String>| {
+        let mut request = Request::get("/metrics");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        app.router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+    };
+    for refused in [
+        None,
+        Some(app.token.clone()),
+        Some(format!("{METRICS_TOKEN}x")),
+    ] {
+        let response = metrics_with(refused).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let response = metrics_with(Some(METRICS_TOKEN.to_owned())).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let text = String::from_utf8(
         axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -855,6 +880,23 @@ async fn a_failing_partner_trips_its_breaker_is_not_called_while_open_and_is_cal
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
     assert!(!text.contains("alice") && !text.contains(&app.token));
+}
+
+#[tokio::test]
+async fn metrics_are_not_served_on_the_api_port_unless_a_scraper_token_is_configured() {
+    let app = app_with("[metrics]\n").await;
+    let response = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/metrics")
+                .header("authorization", format!("Bearer {}", app.token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -433,6 +433,9 @@ pub const GROUND_TRUTH_PROJECT: &str = "ground-truth";
 /// The one institution [`Gateway::partner_issuer`] is trusted for.
 pub const PARTNER_ISSUER_INSTITUTION: &str = "eastbrook-imaging-institute";
 
+/// What a Prometheus scraper presents for the test gateway's `/metrics`.
+pub const METRICS_TOKEN: &str = "test-scraper-token-5b1e";
+
 /// A running gateway with its own development token issuer (a real JWKS
 /// over HTTP), stopped when dropped.
 #[derive(Debug)]
@@ -474,6 +477,7 @@ impl Gateway {
             .unwrap();
         let key = dir.path().join("pseudonym.key");
         std::fs::write(&key, PSEUDONYM_KEY).unwrap();
+        std::fs::write(dir.path().join("metrics.token"), METRICS_TOKEN).unwrap();
         let checkpoint_key = dir.path().join("checkpoint-key.pem");
         std::fs::write(
             &checkpoint_key,
@@ -551,7 +555,8 @@ impl Gateway {
              trusted_for = {{ institutions = [\"{PARTNER_ISSUER_INSTITUTION}\"], roles = [\"researcher\"], projects = [\"*\"] }}\n\n\
              [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n\
              [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n\
-             [server]\nper_principal = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\n\n{projects}\n{partners}",
+             [server]\nper_principal = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\n\n\
+             [metrics]\ntoken = \"${{file:metrics.token}}\"\n\n{projects}\n{partners}",
             issuer = toml_string(issuer.issuer()),
             jwks = toml_string(&issuer.jwks_url()),
             partner_issuer = toml_string(partner_issuer.issuer()),

@@ -627,7 +627,10 @@ async fn no_caller_is_answered_from_or_told_of_another_callers_cached_answer() {
     assert_eq!(asked, (false, false), "her own repeat is cached");
     assert_eq!(count["cached"], true);
 
-    let metrics = reqwest::get(c.gateway.url.replace("/graphql", "/metrics"))
+    let metrics = reqwest::Client::new()
+        .get(c.gateway.url.replace("/graphql", "/metrics"))
+        .bearer_auth(meshgate_tests::METRICS_TOKEN)
+        .send()
         .await
         .unwrap()
         .text()

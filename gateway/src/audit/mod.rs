@@ -113,6 +113,19 @@ impl Checkpoint {
     }
 }
 
+/// Writes a key file readable and writable by its owner only (mode 0600),
+/// refusing to replace one that exists.
+pub fn write_key_file(path: &std::path::Path, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text))
+}
+
 /// A new Ed25519 checkpoint key as PKCS#8 PEM (what `[audit]
 /// checkpoint_key` reads; `openssl genpkey -algorithm ed25519` makes the
 /// same).
