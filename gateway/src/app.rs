@@ -33,7 +33,6 @@ use meshgate_schema::fhir::MappingOptions;
 use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use tracing::Instrument as _;
@@ -70,6 +69,10 @@ struct AppState {
     per_principal: Arc<Admission>,
     auth_failures: Arc<FailureTally>,
     metrics_token: Option<meshgate_connectors::Secret>,
+    /// Where GraphQL operations run: the runtime the app was built on, not
+    /// the one serving connections, so that heavy queries never delay an
+    /// accept, a health check or a refusal.
+    work: tokio::runtime::Handle,
     authenticator: Arc<Authenticator>,
     fatal: FatalHandler,
 }
@@ -152,6 +155,14 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
             authorizer: Arc::clone(&loaded.authorizer),
             pseudonym_key: loaded.pseudonym_key.clone(),
             audit,
+            // At least one largest page, so that one can always be asked.
+            studies_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                loaded
+                    .config
+                    .server
+                    .max_studies_in_flight
+                    .max(crate::graphql::MAX_PAGE_SIZE as usize),
+            )),
         },
         authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
         server: loaded.config.server,
@@ -525,6 +536,7 @@ pub fn build_app(gateway: Gateway) -> Router {
         )),
         auth_failures: gateway.auth_failures,
         metrics_token: gateway.metrics_token,
+        work: tokio::runtime::Handle::current(),
         per_address: Arc::new(Admission::new(gateway.server.per_address)),
         per_principal: Arc::new(Admission::new(gateway.server.per_principal)),
         server: gateway.server,
@@ -563,11 +575,55 @@ pub fn metrics_router(services: Services) -> Router {
 /// within `server.header_timeout_ms` of opening or of its last response is
 /// closed, whatever it sends (nothing, part of a head, an HTTP/2 preface);
 /// bodies are timed by the handler.
+///
+/// Connections are accepted and served on a runtime of their own (one
+/// thread, `meshgate-http`); GraphQL operations run on the caller's runtime
+/// ([`build_app`]'s), so a crowd of heavy queries cannot delay accepting,
+/// `/healthz`, or the refusals that shed load.
 pub async fn run(
     listener: TcpListener,
     app: Router,
     server: &ServerSection,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let server = *server;
+    let listener = listener.into_std()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // Connections are served here…
+    let http = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meshgate-http")
+        .enable_all()
+        .build()?;
+    // …and accepted on a thread that does nothing else, so the listen
+    // queue is drained however busy the connections are.
+    std::thread::Builder::new()
+        .name("meshgate-accept".into())
+        .spawn(move || {
+            let connections = http.handle().clone();
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    runtime.block_on(async move {
+                        let listener = TcpListener::from_std(listener)?;
+                        serve_connections(listener, app, &server, shutdown, connections).await
+                    })
+                });
+            http.shutdown_background();
+            let _ = done_tx.send(served);
+        })?;
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the HTTP thread stopped")))
+}
+
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    server: &ServerSection,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    connections: tokio::runtime::Handle,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
@@ -618,10 +674,10 @@ pub async fn run(
             )
             .map_response(move |response: Response| {
                 let done = Busy(Arc::clone(&finished));
-                response.map(|body| Body::new(UntilDropped { body, _done: done }))
+                response.map(|body| Body::new(UntilDropped { body, _held: done }))
             });
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -769,13 +825,14 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that holds `_done` until it is dropped.
-struct UntilDropped {
+/// A response body that holds `_held` until it is dropped (sent, or
+/// abandoned).
+struct UntilDropped<T> {
     body: Body,
-    _done: Busy,
+    _held: T,
 }
 
-impl axum::body::HttpBody for UntilDropped {
+impl<T: Unpin> axum::body::HttpBody for UntilDropped<T> {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
 
@@ -796,7 +853,7 @@ impl axum::body::HttpBody for UntilDropped {
 }
 
 /// Audit entries read from the store at a time for an export.
-const EXPORT_BATCH: i64 = 200;
+const EXPORT_BATCH: i64 = 100;
 
 /// An audit export in progress.
 struct Export {
@@ -808,11 +865,27 @@ struct Export {
     asked: i64,
     /// …and still to be asked for.
     left: i64,
-    _held: (OwnedSemaphorePermit, Tickets),
 }
 
 /// Errors listed in one answer; more are counted in one last error.
 const MAX_ERRORS: usize = 20;
+
+/// Connections the kernel queues for [`run`] to accept: as many as Linux
+/// allows by default (`net.core.somaxconn`), so a burst of connections is
+/// absorbed rather than dropped.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for [`run`] on `address`, with a deep accept queue.
+pub fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// How long shutdown waits for requests in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1010,6 +1083,33 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return overloaded(&request_id);
     };
+    // Parsing, execution and the answer's JSON on the work runtime: this
+    // one only admits, reads and writes.
+    let work = state.work.clone();
+    let processing = process_graphql(state, context, body).instrument(tracing::Span::current());
+    match work.spawn(processing).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!("a GraphQL request panicked");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &request_id,
+                "INTERNAL_SERVER_ERROR",
+                "internal error",
+                None,
+            )
+        }
+    }
+}
+
+/// A GraphQL request whose body has arrived: parsed, measured, executed
+/// and audited.
+async fn process_graphql(
+    state: AppState,
+    context: RequestContext,
+    body: axum::body::Bytes,
+) -> Response {
+    let request_id = context.request_id.clone();
     let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(_) => {
@@ -1026,14 +1126,18 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     // Parsed once here (and kept in the request for execution) so that a
     // syntax error gets its own code; then measured, fully expanded,
     // before anything runs.
-    let checked = match gql_request.parsed_query() {
-        Ok(document) => limits::check(
+    // Directives are counted on the text first: parsing a document of
+    // thousands of them costs more memory than answering it.
+    let scanned = limits::scan(&gql_request.query, state.server.limits);
+    let checked = match scanned.map(|()| gql_request.parsed_query()) {
+        Err(error) => Err((error.code(), error.to_string())),
+        Ok(Ok(document)) => limits::check(
             document,
             state.server.limits,
             state.server.profile == ServerProfile::Development,
         )
         .map_err(|error| (error.code(), error.to_string())),
-        Err(error) => Err((
+        Ok(Err(error)) => Err((
             "GRAPHQL_PARSE_FAILED",
             format!("the query is not valid GraphQL: {error}"),
         )),
@@ -1105,11 +1209,14 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     } else {
         StatusCode::OK
     };
+    let held = context.release();
     json_response(
         status,
         &request_id,
         serde_json::to_value(&response).unwrap_or_default(),
     )
+    // The studies' permits stay taken until the answer has been sent.
+    .map(|body| Body::new(UntilDropped { body, _held: held }))
 }
 
 /// Commits one audit record.
@@ -1279,7 +1386,6 @@ async fn export_audit_events(
         rows: Some(first),
         asked,
         left: limit - asked,
-        _held: (permit, tickets),
     };
     let batches = futures::stream::unfold(export, |mut export| async move {
         let rows = match export.rows.take() {
@@ -1317,7 +1423,26 @@ async fn export_audit_events(
         }
         Some((Ok(axum::body::Bytes::from(text)), export))
     });
-    let mut response = (StatusCode::OK, Body::from_stream(batches)).into_response();
+    // Read and formatted on the work runtime, a batch or two ahead of the
+    // client; this one only writes. The permit and tickets are held until
+    // the body is done.
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    state.work.spawn(async move {
+        let mut batches = std::pin::pin!(batches);
+        while let Some(batch) = futures::StreamExt::next(&mut batches).await {
+            if sender.send(batch).await.is_err() {
+                break; // the client went away
+            }
+        }
+    });
+    let body = futures::stream::unfold(
+        (receiver, (permit, tickets)),
+        |(mut receiver, held)| async move {
+            let batch = receiver.recv().await?;
+            Some((batch, (receiver, held)))
+        },
+    );
+    let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

@@ -220,6 +220,12 @@ pub struct ServerSection {
     /// What one principal (issuer and subject) may have in flight and
     /// start per second.
     pub per_principal: RateLimit,
+    /// Studies being fetched, mapped and answered at once, over every
+    /// request (a page of `first` studies holds `first` until its answer is
+    /// sent); a page past it gets `OVERLOADED` at once. Bounds memory:
+    /// about 20 KiB per study in flight (FHIR with series and instances,
+    /// measured), so the default holds the process near 200 MiB.
+    pub max_studies_in_flight: usize,
     /// What one GraphQL document may ask for.
     pub limits: QueryLimits,
 }
@@ -235,6 +241,7 @@ impl Default for ServerSection {
             body_timeout_ms: 10_000,
             per_address: RateLimit::new(128, 200.0, 400),
             per_principal: RateLimit::new(16, 20.0, 60),
+            max_studies_in_flight: 3_000,
             limits: QueryLimits::default(),
         }
     }

@@ -37,6 +37,9 @@ pub struct Services {
     pub authorizer: Arc<Authorizer>,
     pub pseudonym_key: MasterKey,
     pub audit: Arc<AuditLog>,
+    /// One permit per study being fetched and answered (`[server]
+    /// max_studies_in_flight`).
+    pub studies_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the schema over a federation of partners and its policies. In
@@ -77,6 +80,8 @@ pub enum ApiError {
     AuditUnavailable,
     #[error("{0}")]
     OverBudget(#[from] OverBudget),
+    #[error("the gateway is answering as many studies as it can hold; try again shortly")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -90,6 +95,7 @@ impl ApiError {
             ApiError::Internal => "INTERNAL_SERVER_ERROR",
             ApiError::AuditUnavailable => "AUDIT_UNAVAILABLE",
             ApiError::OverBudget(_) => "REQUEST_BUDGET_EXCEEDED",
+            ApiError::Overloaded => "OVERLOADED",
         }
     }
 }
@@ -454,6 +460,14 @@ impl QueryRoot {
             .transpose()?;
 
         charge(ctx, first)?;
+        // Held until the answer has been sent (the request context keeps
+        // it), so that memory follows the studies in flight.
+        let studies = Arc::clone(&services.studies_in_flight)
+            .try_acquire_many_owned(u32::try_from(first).unwrap_or(u32::MAX))
+            .map_err(|_| ApiError::Overloaded)?;
+        if let Ok(request) = ctx.data::<RequestContext>() {
+            request.hold(studies);
+        }
         let page = services
             .federation
             .page(&query, &grants, first, after.as_ref(), with_series)

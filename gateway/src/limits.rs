@@ -85,6 +85,57 @@ impl LimitError {
     }
 }
 
+/// Counts the directives of a document's text before it is parsed: each
+/// `@` outside strings and comments. A document has at least as many
+/// directives once its fragments are expanded, so more than
+/// `max_directives` here is refused as it would be after parsing, but
+/// without building the syntax tree of thousands of them.
+pub fn scan(text: &str, limits: QueryLimits) -> Result<(), LimitError> {
+    let mut directives = 0;
+    let mut rest = text;
+    while let Some(at) = rest.find(['@', '"', '#']) {
+        let after = &rest[at..];
+        rest = match after.as_bytes()[0] {
+            b'@' => {
+                directives += 1;
+                if directives > limits.max_directives {
+                    return Err(LimitError::TooManyDirectives(limits.max_directives));
+                }
+                &after[1..]
+            }
+            b'#' => after.find('\n').map_or("", |end| &after[end..]),
+            _ if after.starts_with("\"\"\"") => {
+                // A block string ends at the next unescaped `"""`.
+                let body = &after[3..];
+                let mut end = None;
+                let mut from = 0;
+                while let Some(i) = body[from..].find("\"\"\"") {
+                    let i = from + i;
+                    if i > 0 && body.as_bytes()[i - 1] == b'\\' {
+                        from = i + 3;
+                    } else {
+                        end = Some(i + 3);
+                        break;
+                    }
+                }
+                end.map_or("", |end| &body[end..])
+            }
+            _ => {
+                // A string ends at the next `"` not escaped.
+                let body = &after[1..];
+                let mut escaped = false;
+                let end = body.char_indices().find_map(|(i, c)| {
+                    let closes = c == '"' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes.then_some(i + 1)
+                });
+                end.map_or("", |end| &body[end..])
+            }
+        };
+    }
+    Ok(())
+}
+
 struct Walk<'a> {
     document: &'a ExecutableDocument,
     limits: QueryLimits,
@@ -269,6 +320,22 @@ mod tests {
             checked("{ __typename x: __type(name: \"Partner\") { name } }"),
             Err(LimitError::Introspection)
         );
+    }
+
+    #[test]
+    fn directives_are_counted_on_the_text_before_parsing_but_not_inside_strings() {
+        let limits = QueryLimits::default();
+        let many = format!(
+            "{{ me {{ subject {} }} }}",
+            "@include(if: true) ".repeat(10_000)
+        );
+        assert_eq!(scan(&many, limits), Err(LimitError::TooManyDirectives(20)));
+        let in_strings = format!(
+            "{{ x(a: \"{0}\\\" {0}\", b: \"\"\"{0}\\\"\"\" {0}\"\"\") # {0}\n }}",
+            "@".repeat(30)
+        );
+        assert_eq!(scan(&in_strings, limits), Ok(()));
+        assert_eq!(scan("{ me { subject @skip(if: false) } }", limits), Ok(()));
     }
 
     #[test]

@@ -435,9 +435,19 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     })
 }
 
+/// How much lower the query threads' scheduling priority is.
+const WORK_NICENESS: i32 = 5;
+
 fn run_to_exit(task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    // Queries run on these threads, at a lower scheduling priority than
+    // the threads that accept connections and answer health checks and
+    // refusals (see `app::run`), so that a machine saturated with queries
+    // still answers those at once. Linux sets `nice` per thread.
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| {
+            let _ = rustix::process::setpriority_process(None, WORK_NICENESS);
+        })
         .build()
     {
         Ok(runtime) => runtime.block_on(task),
@@ -488,8 +498,7 @@ async fn run_demo(data: PathBuf, listen: SocketAddr, studies: usize) -> anyhow::
 async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Result<()> {
     let gateway = start(&loaded).await?;
     gateway.authenticator.warm_up().await;
-    let listener = TcpListener::bind(loaded.config.listen)
-        .await
+    let listener = meshgate_gateway::app::listen(loaded.config.listen)
         .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
     let address = listener.local_addr()?;
     println!(

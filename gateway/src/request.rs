@@ -27,6 +27,8 @@ pub struct RequestContext {
     /// What the request may still ask of the partners.
     pub limits: QueryLimits,
     spent: Arc<Spent>,
+    /// Permits held until the request's answer is sent.
+    held: Arc<Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>>,
 }
 
 /// What one request has asked of the partners so far.
@@ -55,6 +57,24 @@ impl RequestContext {
             trail: Arc::default(),
             limits: QueryLimits::default(),
             spent: Arc::default(),
+            held: Arc::default(),
+        }
+    }
+
+    /// The permits held so far, for the answer to keep until it is sent.
+    pub fn release(&self) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+        match self.held.lock() {
+            Ok(mut held) => std::mem::take(&mut *held),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+
+    /// Keeps `permit` until the last clone of this context is dropped, or
+    /// it is [released](Self::release) to the answer.
+    pub fn hold(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        match self.held.lock() {
+            Ok(mut held) => held.push(permit),
+            Err(poisoned) => poisoned.into_inner().push(permit),
         }
     }
 

@@ -378,12 +378,18 @@ async fn hostile_documents_are_refused_with_their_code_before_any_partner_is_ask
             StatusCode::BAD_REQUEST,
             "INVALID_DIRECTIVE",
         ),
-        // 10,000 repeats of one directive: one error, not 9,999.
+        // 10,000 repeats of one directive: one error, not 9,999, and the
+        // document is not even parsed.
         (
             format!(
                 "{{ me {{ subject {} }} }}",
                 "@include(if: true) ".repeat(10_000)
             ),
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_DIRECTIVES",
+        ),
+        (
+            "{ me { subject @include(if: true) @include(if: true) } }".into(),
             StatusCode::BAD_REQUEST,
             "INVALID_DIRECTIVE",
         ),
