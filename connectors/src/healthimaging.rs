@@ -92,6 +92,11 @@ struct Summary {
     image_set_id: String,
     #[serde(default)]
     version: Option<u64>,
+    /// `false` for an import that conflicted with the store's primary
+    /// image sets (kept apart until someone resolves it); absent from
+    /// stores older than the flag, whose sets are all primary.
+    #[serde(rename = "isPrimary", default)]
+    is_primary: Option<bool>,
     #[serde(rename = "DICOMTags", default)]
     tags: Map<String, Value>,
 }
@@ -217,8 +222,10 @@ impl HealthImagingConnector {
         &self,
         criterion: Option<&Value>,
     ) -> Result<Vec<Summary>, ConnectorError> {
+        // `searchCriteria` is the request's payload (the service model
+        // binds it to the body), so the body is the criteria themselves.
         let body = match criterion {
-            Some(filter) => json!({"searchCriteria": {"filters": [filter]}}),
+            Some(filter) => json!({"filters": [filter]}),
             None => json!({}),
         };
         let body = serde_json::to_vec(&body).map_err(|_| ConnectorError::BadResponse)?;
@@ -240,7 +247,13 @@ impl HealthImagingConnector {
             }
             let page: SearchPage =
                 serde_json::from_slice(&answer.body).map_err(|_| ConnectorError::BadResponse)?;
-            found.extend(page.image_sets_metadata_summaries);
+            // Primary image sets only: a non-primary one is a conflicting
+            // import whose attributes the partner has not accepted.
+            found.extend(
+                page.image_sets_metadata_summaries
+                    .into_iter()
+                    .filter(|summary| summary.is_primary != Some(false)),
+            );
             match page.next_token.filter(|token| !token.is_empty()) {
                 // A token that does not move on would page for ever.
                 Some(token) if next_token.as_ref() == Some(&token) => {
@@ -532,7 +545,15 @@ impl Connector for HealthImagingConnector {
             .map(|uid| async move {
                 let filter =
                     json!({"operator": "EQUAL", "values": [{"DICOMStudyInstanceUID": uid}]});
-                let sets = self.search_image_sets(Some(&filter)).await?;
+                // Only that study's sets, whatever else an answer carries.
+                let sets: Vec<Summary> = self
+                    .search_image_sets(Some(&filter))
+                    .await?
+                    .into_iter()
+                    .filter(|summary| {
+                        study_from_summary(summary).is_some_and(|study| study.uid == uid)
+                    })
+                    .collect();
                 let mut found = self.studies_of(vec![sets]).await?;
                 Ok::<_, ConnectorError>(found.pop())
             })

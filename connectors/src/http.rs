@@ -158,8 +158,9 @@ pub(crate) async fn send_idempotent(
 }
 
 /// How long to wait before trying a throttled request again, if it should
-/// be: the `Retry-After` asked for, else exponential backoff from 200 ms
-/// with jitter;
+/// be — `429`, or `503` ("busy, try again later": how Azure's DICOM
+/// service throttles, and what RFC 9110 says 503 means): the `Retry-After`
+/// asked for, else exponential backoff from 200 ms with jitter;
 /// `None` once [`THROTTLED_ATTEMPTS`] are used, the wait is too long or
 /// `budget` allows no retry.
 pub(crate) fn throttle_wait(
@@ -167,8 +168,11 @@ pub(crate) fn throttle_wait(
     throttled_so_far: u32,
     budget: &RetryBudget,
 ) -> Option<Duration> {
-    if answer.status != StatusCode::TOO_MANY_REQUESTS || throttled_so_far + 1 >= THROTTLED_ATTEMPTS
-    {
+    let busy = matches!(
+        answer.status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    );
+    if !busy || throttled_so_far + 1 >= THROTTLED_ATTEMPTS {
         return None;
     }
     // Without a `Retry-After`: exponential backoff with jitter (half to

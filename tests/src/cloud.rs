@@ -9,13 +9,20 @@
 //! - Azure DICOM service: `/v2/partitions/NAME/…`, Entra ID client
 //!   credentials at `/{tenant}/oauth2/v2.0/token` (secret checked),
 //!   `limit` 1–200 (outside: 400), `204` for no rows, pages that repeat
-//!   the previous page's last row.
+//!   the previous page's last row; `PatientSex` and `BodyPartExamined`
+//!   refused as match keys (400), UID lists matched as one value,
+//!   `BodyPartExamined` left out of series-level answers.
+//! - Google also refuses UID lists and study-level `ModalitiesInStudy`
+//!   (not among its documented search keys); AWS `PatientSex` and
+//!   `BodyPartExamined`.
 //! - AWS HealthImaging DICOMweb: `/datastore/ID/…`, every request SigV4
 //!   signed for `medical-imaging` in the stand-in's region with a known key,
 //!   verified with AWS's own signing library (not meshgate's) and a 5-minute
 //!   clock skew limit; `limit` at most 1,000; at most `cap` records per
 //!   search (AWS: 10,000), offsets beyond it answered with nothing.
-//! - All answer some requests with `429` and `Retry-After: 0`.
+//! - Google and AWS answer some requests with `429` and `Retry-After: 0`;
+//!   Azure, which documents no `429`, with `503` ("busy, try again later")
+//!   and no `Retry-After`.
 //!
 //! Paging is done here (the stand-in asks Orthanc for all matches and
 //! slices them), so Orthanc's own paging quirks do not leak into the test
@@ -67,6 +74,8 @@ struct Inner {
     issued: AtomicU32,
     requests: AtomicU32,
     throttled: AtomicU32,
+    /// Requests refused for a match key the service does not support.
+    unsupported: AtomicU32,
     refused: AtomicU32,
     rows: AtomicU32,
 }
@@ -103,11 +112,15 @@ impl CloudStandIn {
             issued: AtomicU32::new(0),
             requests: AtomicU32::new(0),
             throttled: AtomicU32::new(0),
+            unsupported: AtomicU32::new(0),
             refused: AtomicU32::new(0),
             rows: AtomicU32::new(0),
         });
         let app = Router::new()
-            .route("/computeMetadata/v1/token", get(metadata_token))
+            .route(
+                "/computeMetadata/v1/instance/service-accounts/default/token",
+                get(metadata_token),
+            )
             .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
             .route("/v1/{*path}", get(gcp_dicomweb))
             .route("/v2/{*path}", get(azure_dicomweb))
@@ -127,9 +140,14 @@ impl CloudStandIn {
         self.inner.requests.load(Ordering::SeqCst)
     }
 
-    /// Requests answered 429.
+    /// Requests answered busy (429, or 503 on Azure).
     pub fn throttled(&self) -> u32 {
         self.inner.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused for a match key the service does not support.
+    pub fn unsupported(&self) -> u32 {
+        self.inner.unsupported.load(Ordering::SeqCst)
     }
 
     /// DICOM JSON rows sent (studies, series and instances).
@@ -363,12 +381,20 @@ async fn dicomweb(
     }
     if n.is_multiple_of(9) {
         inner.throttled.fetch_add(1, Ordering::SeqCst);
+        if inner.cloud == Cloud::Azure {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"error": {"code": "ServiceUnavailable", "message": "The server is busy. Please try again later."}})),
+            )
+                .into_response();
+        }
         return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "0")]).into_response();
     }
+    // (most, default) `limit`: AWS documents a default of 1,000.
     let (max, default) = match inner.cloud {
         Cloud::Gcp => (5000, 100),
         Cloud::Azure => (200, 100),
-        Cloud::Aws { .. } => (1000, 100),
+        Cloud::Aws { .. } => (1000, 1000),
     };
     let number = |name: &str| {
         query
@@ -386,6 +412,37 @@ async fn dicomweb(
         Some(Ok(offset)) => offset,
         Some(Err(_)) => return StatusCode::BAD_REQUEST.into_response(),
     };
+    // Match keys the service documents as unsupported are refused, as the
+    // service refuses them (Azure v2: 400 for an unsupported attribute;
+    // Google: UID lists and study-level ModalitiesInStudy are not among
+    // its documented search keys). Azure matches a UID as one value.
+    let level = rest.rsplit('/').next().unwrap_or_default();
+    for (name, value) in &query {
+        let refused = match inner.cloud {
+            Cloud::Azure => matches!(name.as_str(), "PatientSex" | "BodyPartExamined"),
+            Cloud::Gcp => {
+                matches!(name.as_str(), "PatientSex" | "BodyPartExamined")
+                    || (name == "StudyInstanceUID" && value.contains(','))
+                    || (name == "ModalitiesInStudy" && level == "studies")
+            }
+            Cloud::Aws { .. } => matches!(name.as_str(), "PatientSex" | "BodyPartExamined"),
+        };
+        if refused {
+            inner.unsupported.fetch_add(1, Ordering::SeqCst);
+            let message = format!("{name} is not a supported search attribute");
+            let body = match inner.cloud {
+                Cloud::Gcp => {
+                    json!({"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
+                }
+                _ => json!({"error": {"code": "InvalidQueryString", "message": message}}),
+            };
+            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        }
+    }
+    let single_uid = inner.cloud == Cloud::Azure
+        && query
+            .iter()
+            .any(|(name, value)| name == "StudyInstanceUID" && value.contains(','));
     // Everything that matches, from Orthanc, in its query syntax.
     let mut url = format!("{}/{rest}?", inner.orthanc);
     for (name, value) in query.iter().filter(|(k, _)| k != "limit" && k != "offset") {
@@ -399,7 +456,7 @@ async fn dicomweb(
         // A connection Orthanc closed just as it was reused: once more.
         answer = inner.client.get(&url).send().await;
     }
-    let rows: Vec<Value> = match answer {
+    let mut rows: Vec<Value> = match answer {
         Ok(response) if response.status().is_success() => response.json().await.unwrap_or_default(),
         Ok(response) => {
             return StatusCode::from_u16(response.status().as_u16())
@@ -408,6 +465,18 @@ async fn dicomweb(
         }
         Err(_) => return StatusCode::BAD_GATEWAY.into_response(),
     };
+    if single_uid {
+        // A list is one (unmatchable) UID to Azure.
+        rows.clear();
+    }
+    if inner.cloud == Cloud::Azure && level == "series" {
+        // Azure does not return BodyPartExamined at series level.
+        for row in &mut rows {
+            if let Some(row) = row.as_object_mut() {
+                row.remove("00180015");
+            }
+        }
+    }
     // Azure repeats the previous page's last row at the top of the next.
     let start = match inner.cloud {
         Cloud::Azure if offset > 0 => offset - 1,

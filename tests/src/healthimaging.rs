@@ -3,8 +3,11 @@
 //!
 //! What it enforces, as the service documents it:
 //! - `POST /datastore/{datastoreId}/searchImageSets?maxResults=&nextToken=`:
-//!   `maxResults` 1–50 (else `400 ValidationException`); a body of `{}` or
-//!   `{"searchCriteria": {"filters": [one filter]}}` where a filter is
+//!   `maxResults` 1–50 (else `400 ValidationException`); the body is the
+//!   `SearchCriteria` structure itself (the service model binds
+//!   `searchCriteria` to the payload): `{}` or `{"filters": [one filter],
+//!   "sort": …}`, any other member refused with `400 ValidationException`
+//!   (a wrapper the service ignored would scan the whole store), where a filter is
 //!   `EQUAL` with one value or `BETWEEN` with two, each value one of
 //!   `DICOMPatientId`, `DICOMAccessionNumber`, `DICOMStudyId`,
 //!   `DICOMStudyInstanceUID`, `DICOMSeriesInstanceUID`,
@@ -22,7 +25,10 @@
 //!   ThrottlingException`, without `Retry-After` (the service sends none).
 //!
 //! Studies with several series are split over several image sets (series
-//! alternating), as happens when a study arrives in several imports.
+//! alternating), as happens when a study arrives in several imports; and
+//! every fifth study has a conflicting import kept as a non-primary image
+//! set (`isPrimary: false`: another description, an extra series), newest
+//! of all, as HealthImaging keeps imports that conflict with primary data.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -83,6 +89,8 @@ struct ImageSet {
     patient: Map<String, Value>,
     study: Map<String, Value>,
     series: BTreeMap<String, SeriesEntry>,
+    /// `false` for a conflicting import.
+    primary: bool,
 }
 
 #[derive(Debug)]
@@ -138,10 +146,15 @@ impl HealthImagingStandIn {
         self.inner.image_sets.len()
     }
 
-    /// Studies stored in more than one image set.
+    /// Non-primary image sets (conflicting imports).
+    pub fn non_primary(&self) -> usize {
+        self.inner.image_sets.iter().filter(|s| !s.primary).count()
+    }
+
+    /// Studies stored in more than one primary image set.
     pub fn split_studies(&self) -> usize {
         let mut per_study: BTreeMap<&str, usize> = BTreeMap::new();
-        for set in &self.inner.image_sets {
+        for set in self.inner.image_sets.iter().filter(|s| s.primary) {
             if let Some(uid) = set.study.get("StudyInstanceUID").and_then(Value::as_str) {
                 *per_study.entry(uid).or_default() += 1;
             }
@@ -251,6 +264,37 @@ fn image_sets(dir: &FsPath) -> Vec<ImageSet> {
                     .filter(|(i, _)| i % parts == part)
                     .map(|(_, (uid, s))| (uid.clone(), s.clone()))
                     .collect(),
+                primary: true,
+            });
+        }
+        if index % 5 == 1
+            && let Some((series_uid, (attributes, instances))) = series.iter().next()
+        {
+            // A re-import with regenerated series and instance UIDs and
+            // another description: kept apart as non-primary.
+            let n = sets.len() as u64 + 1;
+            let mut conflicting_study = study.clone();
+            conflicting_study.insert("StudyDescription".into(), json!("CONFLICTING IMPORT"));
+            let mut attributes = attributes.clone();
+            let copy_uid = format!("{series_uid}.9");
+            attributes.insert("SeriesInstanceUID".into(), json!(copy_uid));
+            let instances = instances
+                .iter()
+                .map(|(uid, instance)| {
+                    let mut instance = instance.clone();
+                    instance.insert("SOPInstanceUID".into(), json!(format!("{uid}.9")));
+                    (format!("{uid}.9"), instance)
+                })
+                .collect();
+            sets.push(ImageSet {
+                id: format!("{:032x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                version: 1,
+                created_at: 1_800_000_000 + n * 60,
+                updated_at: 1_800_000_000 + n,
+                patient: patient.clone(),
+                study: conflicting_study,
+                series: BTreeMap::from([(copy_uid, (attributes, instances))]),
+                primary: false,
             });
         }
     }
@@ -355,13 +399,21 @@ fn satisfies(set: &ImageSet, operator: &str, values: &[(String, Value)]) -> bool
 
 /// The one filter of a search body, validated: operator and (key, value)s.
 fn parse_filter(body: &Value) -> Result<Option<Filter>, String> {
-    let Some(criteria) = body.get("searchCriteria") else {
+    let criteria = body
+        .as_object()
+        .ok_or_else(|| String::from("the body must be a SearchCriteria object"))?;
+    if let Some(unknown) = criteria
+        .keys()
+        .find(|key| !matches!(key.as_str(), "filters" | "sort"))
+    {
+        return Err(format!("Unknown member '{unknown}' in SearchCriteria"));
+    }
+    let Some(filters) = criteria.get("filters") else {
         return Ok(None);
     };
-    let filters = criteria
-        .get("filters")
-        .and_then(Value::as_array)
-        .ok_or_else(|| String::from("searchCriteria.filters is required"))?;
+    let filters = filters
+        .as_array()
+        .ok_or_else(|| String::from("filters must be a list"))?;
     let [filter] = filters.as_slice() else {
         return Err(String::from("filters accepts one filter"));
     };
@@ -552,7 +604,7 @@ fn summary(set: &ImageSet) -> Value {
         "version": set.version,
         "createdAt": set.created_at,
         "updatedAt": set.updated_at,
-        "isPrimary": true,
+        "isPrimary": set.primary,
         "DICOMTags": tags,
     })
 }

@@ -23,7 +23,8 @@ use meshgate_tests::cloud::{
 use meshgate_tests::healthimaging::HealthImagingStandIn;
 use meshgate_tests::{
     Gateway, GroundTruth, Orthanc, SyntheticPartner,
-    cohort_counts_and_every_page_equal_the_ground_truth, walk,
+    cohort_counts_and_every_page_equal_the_ground_truth,
+    cohort_counts_and_pages_equal_the_ground_truth_where_body_part_is_refused_by, walk,
 };
 use serde_json::{Value, json};
 
@@ -81,7 +82,7 @@ dataset = "consortium"
 dicom_store = "google"
 endpoint = "{google}/v1"
 page_size = 25
-credentials = {{ kind = "metadata_server", url = "{google}/computeMetadata/v1/token" }}
+credentials = {{ kind = "metadata_server", url = "{google}/computeMetadata/v1/instance/service-accounts/default/token" }}
 
 [[partners]]
 id = "azure"
@@ -117,8 +118,37 @@ credentials = {{ kind = "static", access_key_id = "{AWS_ACCESS_KEY_ID}", secret_
         aws_secret = aws_secret_file.display(),
     );
     let gateway = Gateway::start(&config).await;
-    cohort_counts_and_every_page_equal_the_ground_truth(&gateway, &truth, ["google", "azure"])
+    cohort_counts_and_pages_equal_the_ground_truth_where_body_part_is_refused_by(
+        &gateway,
+        &truth,
+        ["google", "azure"],
+        &["azure"],
+    )
+    .await;
+
+    // A body-part cohort: Azure can neither match nor return body parts,
+    // so it says so rather than answering with nothing; Google answers
+    // (filtered by meshgate, as Google cannot match body parts either).
+    let data = gateway
+        .query(
+            r#"query { cohortCount(project: "ground-truth", filter: {bodyPart: "CHEST"}) { complete partners { partner status code } } }"#,
+            json!({}),
+        )
         .await;
+    let count = &data["cohortCount"];
+    assert_eq!(count["complete"], false, "{count}");
+    for partner in count["partners"].as_array().unwrap() {
+        match partner["partner"].as_str().unwrap() {
+            "azure" => assert_eq!(partner["code"], "PARTNER_FILTER_UNSUPPORTED", "{partner}"),
+            _ => assert_eq!(partner["status"], "OK", "{partner}"),
+        }
+    }
+    // Nothing the services document as unsupported was sent (Google's
+    // refusals are the probe measuring UID lists and study-level
+    // modality, which Google then does not get).
+    assert_eq!(azure.unsupported(), 0, "Azure was sent an unsupported key");
+    assert_eq!(amazon.unsupported(), 0, "AWS was sent an unsupported key");
+    assert!(azure.throttled() > 0, "Azure answered busy (503)");
 
     // The start-up probe measured each service, through its auth: Azure
     // answers "no matches" with 204, the others with `[]`.
@@ -233,6 +263,10 @@ async fn healthimaging_native_api_answers_the_cohort_cases_like_the_ground_truth
     let harbour = HealthImagingStandIn::start(&harbour_data.dicom_dir(), key, 29).await;
     let meadow = HealthImagingStandIn::start(&meadow_data.dicom_dir(), key, 31).await;
     assert!(harbour.split_studies() >= 5, "some studies span image sets");
+    assert!(
+        harbour.non_primary() >= 5,
+        "some studies have a conflicting, non-primary import"
+    );
     let config = [
         healthimaging_partner("harbour", &harbour, AWS_DATASTORE, &secret),
         healthimaging_partner("meadow", &meadow, AWS_DATASTORE, &secret),
@@ -253,6 +287,8 @@ async fn healthimaging_native_api_answers_the_cohort_cases_like_the_ground_truth
             .unwrap()
             .trim_start_matches("urn:oid:");
         let row = by_uid[uid];
+        // Never from a non-primary (conflicting) import.
+        assert_ne!(resource["description"], "CONFLICTING IMPORT", "{uid}");
         assert_eq!(resource["numberOfSeries"], row.number_of_series, "{uid}");
         assert_eq!(
             resource["numberOfInstances"], row.number_of_instances,

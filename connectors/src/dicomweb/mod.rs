@@ -157,9 +157,12 @@ impl DicomWebConnector {
             .unwrap_or_default()
     }
 
-    /// Whether `StudyInstanceUID=a,b` may be sent (assumed until probed).
+    /// Whether `StudyInstanceUID=a,b` may be sent: as measured, or as the
+    /// profile documents until then.
     fn uid_lists(&self) -> bool {
-        self.measured().uid_lists.unwrap_or(true)
+        self.measured()
+            .uid_lists
+            .unwrap_or(self.settings.profile.uid_lists())
     }
 
     /// Whether `offset` pages (assumed until probed).
@@ -184,7 +187,9 @@ impl DicomWebConnector {
     /// Whether `ModalitiesInStudy` can be asked at study level and paged.
     fn pages_modalities_in_study(&self) -> bool {
         let measured = self.measured();
-        measured.study_modality != Some(false)
+        measured
+            .study_modality
+            .unwrap_or(self.settings.profile.study_level_modality())
             && measured
                 .modality_paging
                 .unwrap_or(self.settings.profile.pages_modalities_in_study())
@@ -394,7 +399,9 @@ impl DicomWebConnector {
             let to = range.to.map(format_date).unwrap_or_default();
             shared.push(("StudyDate".to_owned(), format!("{from}-{to}")));
         }
-        if let Some(sex) = query.patient_sex {
+        if let Some(sex) = query.patient_sex
+            && self.settings.profile.searches_patient_sex()
+        {
             shared.push(("PatientSex".to_owned(), sex.code().to_owned()));
         }
         let uids = query.study_uids.len();
@@ -452,6 +459,7 @@ impl DicomWebConnector {
                 if let Some(pattern) = query
                     .body_part
                     .as_ref()
+                    .filter(|_| self.settings.profile.searches_body_part())
                     .and_then(|part| self.text_pattern(part, TextMatch::Exact))
                 {
                     params.push(("BodyPartExamined".to_owned(), pattern));
@@ -597,12 +605,14 @@ impl Connector for DicomWebConnector {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut native_filters = vec![
-            FilterKind::StudyDate,
-            FilterKind::PatientSex,
-            FilterKind::StudyUid,
-            FilterKind::BodyPart,
-        ];
+        let profile = self.settings.profile;
+        let mut native_filters = vec![FilterKind::StudyDate, FilterKind::StudyUid];
+        if profile.searches_patient_sex() {
+            native_filters.push(FilterKind::PatientSex);
+        }
+        if profile.searches_body_part() && self.text_pattern("x", TextMatch::Exact).is_some() {
+            native_filters.push(FilterKind::BodyPart);
+        }
         if self.modality_lists() {
             native_filters.push(FilterKind::Modality);
         }
@@ -632,6 +642,11 @@ impl Connector for DicomWebConnector {
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
+        // A filter the store can neither match nor return: an error, never
+        // a cohort that silently lacks this partner's studies.
+        if query.body_part.is_some() && !self.settings.profile.returns_series_body_part() {
+            return Err(ConnectorError::FilterUnsupported("body part"));
+        }
         let mut plan = self.plan(query, true);
         let mut first_page = None;
         if let Some(limit) = plan.first_page {

@@ -86,6 +86,47 @@ impl Profile {
         matches!(self, Profile::Orthanc)
     }
 
+    /// Whether `StudyInstanceUID=a,b` is assumed, until the probe measures
+    /// it, to match either UID. List of UID matching is standard (PS3.4
+    /// C.2.2.2.2) and Orthanc does it (measured); Google's DICOMweb
+    /// conformance lists UID lists as unsupported, and Azure's v2
+    /// conformance matches a UID as one value (a list finds nothing: 204);
+    /// HealthImaging's QIDO-RS documentation does not list them.
+    pub fn uid_lists(self) -> bool {
+        matches!(self, Profile::Orthanc | Profile::Generic)
+    }
+
+    /// Whether `ModalitiesInStudy` is assumed, until the probe measures it,
+    /// to be a study-level match key. Google's documented study-level keys
+    /// do not include it.
+    pub fn study_level_modality(self) -> bool {
+        !matches!(self, Profile::Gcp)
+    }
+
+    /// Whether `PatientSex` may be sent as a match key. Not a required
+    /// QIDO-RS key (PS3.18 table 10.6.1-5), absent from the searchable
+    /// attributes of Google's, Azure's (v2: answered `400`) and
+    /// HealthImaging's documentation; Orthanc matches it (measured).
+    /// Elsewhere it is checked on what comes back.
+    pub fn searches_patient_sex(self) -> bool {
+        matches!(self, Profile::Orthanc | Profile::Generic)
+    }
+
+    /// Whether `BodyPartExamined` may be sent as a series-level match key:
+    /// not in Google's, Azure's (`400`) or HealthImaging's searchable
+    /// series attributes; Orthanc matches it (measured).
+    pub fn searches_body_part(self) -> bool {
+        matches!(self, Profile::Orthanc | Profile::Generic)
+    }
+
+    /// Whether series-level answers carry `BodyPartExamined`: Azure's v2
+    /// conformance does not return it there, so a body-part filter cannot
+    /// be checked on an Azure partner and is refused for it rather than
+    /// answered with nothing.
+    pub fn returns_series_body_part(self) -> bool {
+        !matches!(self, Profile::Azure)
+    }
+
     /// Whether the backend is assumed, until the probe measures it, to
     /// match `*` wildcards case-insensitively (DICOM leaves case to the
     /// implementation; Orthanc 1.10 does, measured, for every VR but PN).
