@@ -95,6 +95,18 @@ struct TokenResponse {
     access_token: String,
     #[serde(default)]
     expires_in: Option<serde_json::Value>,
+    /// Azure App Service's managed identity endpoint gives the expiry as a
+    /// Unix time (a string) instead of a lifetime.
+    #[serde(default)]
+    expires_on: Option<serde_json::Value>,
+}
+
+fn seconds(value: Option<&serde_json::Value>) -> Option<u64> {
+    match value? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 /// Sends a token request and reads the token; errors never carry the body.
@@ -134,13 +146,13 @@ async fn exchange(request: reqwest::RequestBuilder) -> Result<AccessToken, Conne
     }
     let parsed: TokenResponse =
         serde_json::from_slice(&body).map_err(|_| ConnectorError::BadResponse)?;
-    let seconds = match parsed.expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
-        Some(serde_json::Value::String(s)) => s.parse().ok(),
-        _ => None,
-    }
-    // Without a lifetime, assume the shortest common one.
-    .unwrap_or(300);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let seconds = seconds(parsed.expires_in.as_ref())
+        .or_else(|| seconds(parsed.expires_on.as_ref()).map(|at| at.saturating_sub(now)))
+        // Without a lifetime, assume the shortest common one.
+        .unwrap_or(300);
     if parsed.access_token.is_empty() {
         return Err(ConnectorError::BadResponse);
     }
@@ -233,8 +245,9 @@ impl TokenSource for GoogleServiceAccount {
 #[derive(Debug)]
 pub struct MetadataServer {
     pub url: reqwest::Url,
-    /// The header the endpoint requires, as (name, value).
-    pub header: (&'static str, &'static str),
+    /// The header the endpoint requires, as (name, value); the value is a
+    /// secret on App Service (`X-IDENTITY-HEADER`).
+    pub header: (&'static str, Secret),
 }
 
 /// Google's metadata server token endpoint for the default service account.
@@ -255,7 +268,7 @@ impl MetadataServer {
     pub fn google(token_url: &str) -> Result<MetadataServer, ConnectorError> {
         Ok(MetadataServer {
             url: url(token_url)?,
-            header: ("Metadata-Flavor", "Google"),
+            header: ("Metadata-Flavor", Secret::new("Google")),
         })
     }
 
@@ -276,7 +289,32 @@ impl MetadataServer {
         }
         Ok(MetadataServer {
             url,
-            header: ("Metadata", "true"),
+            header: ("Metadata", Secret::new("true")),
+        })
+    }
+}
+
+impl MetadataServer {
+    /// The managed identity endpoint of Azure App Service, Container Apps
+    /// and Functions: `IDENTITY_ENDPOINT`, asked with the
+    /// `X-IDENTITY-HEADER` secret (`IDENTITY_HEADER`) and
+    /// `api-version=2019-08-01`; it answers with `expires_on`.
+    pub fn azure_app_service(
+        endpoint: &str,
+        identity_header: Secret,
+        resource: &str,
+        client_id: Option<&str>,
+    ) -> Result<MetadataServer, ConnectorError> {
+        let mut url = url(endpoint)?;
+        url.query_pairs_mut()
+            .append_pair("api-version", "2019-08-01")
+            .append_pair("resource", resource);
+        if let Some(client_id) = client_id {
+            url.query_pairs_mut().append_pair("client_id", client_id);
+        }
+        Ok(MetadataServer {
+            url,
+            header: ("X-IDENTITY-HEADER", identity_header),
         })
     }
 }
@@ -287,7 +325,7 @@ impl TokenSource for MetadataServer {
         exchange(
             client
                 .get(self.url.clone())
-                .header(self.header.0, self.header.1),
+                .header(self.header.0, self.header.1.expose()),
         )
         .await
     }

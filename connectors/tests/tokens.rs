@@ -147,6 +147,42 @@ async fn metadata_token(
     cloud.issue()
 }
 
+/// The header secret App Service puts in `IDENTITY_HEADER`.
+const IDENTITY_HEADER: &str = "app-service-identity-header-3c9e";
+
+/// Azure App Service's managed identity endpoint: `X-IDENTITY-HEADER`
+/// required, `api-version=2019-08-01`, the expiry as `expires_on` (Unix
+/// time, as text).
+async fn app_service_token(
+    State(cloud): State<Arc<Cloud>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if headers
+        .get("x-identity-header")
+        .is_none_or(|v| v != IDENTITY_HEADER)
+        || query.get("api-version").map(String::as_str) != Some("2019-08-01")
+    {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    cloud.requests.lock().unwrap().push(query);
+    let n = cloud.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let token = format!("access-token-{n}-secretvalue");
+    cloud.valid.lock().unwrap().push(token.clone());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires_on = now + u64::from(cloud.lifetime_s.load(Ordering::SeqCst));
+    axum::Json(json!({
+        "access_token": token,
+        "expires_on": expires_on.to_string(),
+        "resource": "https://dicom.healthcareapis.azure.com",
+        "token_type": "Bearer",
+    }))
+    .into_response()
+}
+
 async fn studies(State(cloud): State<Arc<Cloud>>, headers: HeaderMap) -> Response {
     cloud.searches.fetch_add(1, Ordering::SeqCst);
     if cloud.refuse_all.load(Ordering::SeqCst) {
@@ -169,6 +205,7 @@ async fn start(cloud: Arc<Cloud>) -> String {
     let app = Router::new()
         .route("/token", post(form_token))
         .route("/metadata/token", get(metadata_token))
+        .route("/msi/token", get(app_service_token))
         .route("/dicomWeb/studies", get(studies))
         .with_state(cloud);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -375,5 +412,39 @@ async fn an_azure_managed_identity_token_comes_from_imds_with_its_lifetime_as_te
     assert_eq!(query["api-version"], "2018-02-01");
     assert_eq!(query["resource"], "https://dicom.healthcareapis.azure.com");
     assert_eq!(query["client_id"], "user-assigned-id");
+    assert_no_credentials_logged();
+}
+
+#[tokio::test]
+async fn an_azure_managed_identity_off_virtual_machines_uses_the_app_service_endpoint() {
+    let cloud = Arc::new(Cloud::default());
+    cloud.lifetime_s.store(3600, Ordering::SeqCst);
+    let base = start(Arc::clone(&cloud)).await;
+    let connector = connector(
+        &base,
+        Box::new(
+            MetadataServer::azure_app_service(
+                &format!("{base}/msi/token"),
+                Secret::new(IDENTITY_HEADER),
+                "https://dicom.healthcareapis.azure.com",
+                None,
+            )
+            .unwrap(),
+        ),
+    );
+    assert_eq!(search(&connector).await.unwrap(), 0);
+    assert_eq!(search(&connector).await.unwrap(), 0);
+    assert_eq!(
+        cloud.issued.load(Ordering::SeqCst),
+        1,
+        "the expiry (expires_on) was read: the token is reused"
+    );
+    let query = cloud.requests.lock().unwrap()[0].clone();
+    assert_eq!(query["resource"], "https://dicom.healthcareapis.azure.com");
+    let logged = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+    assert!(
+        !logged.contains(IDENTITY_HEADER),
+        "the identity header is a secret"
+    );
     assert_no_credentials_logged();
 }

@@ -395,14 +395,31 @@ pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError>
                         proof: ClientProof::Secret(secret()?),
                         scope: AZURE_DICOM_SCOPE.to_owned(),
                     }),
-                    AzureCredentials::ManagedIdentity { client_id, url } => Box::new(
-                        MetadataServer::azure(
-                            url.as_deref().unwrap_or(AZURE_IMDS_TOKEN_URL),
-                            AZURE_DICOM_RESOURCE,
-                            client_id.as_deref(),
+                    // Off virtual machines (App Service, Container Apps,
+                    // Functions) the platform sets IDENTITY_ENDPOINT and
+                    // IDENTITY_HEADER; on one, IMDS answers.
+                    AzureCredentials::ManagedIdentity { client_id, url } => {
+                        let app_service = std::env::var("IDENTITY_ENDPOINT")
+                            .ok()
+                            .zip(std::env::var("IDENTITY_HEADER").ok())
+                            .filter(|_| url.is_none());
+                        Box::new(
+                            match app_service {
+                                Some((endpoint, header)) => MetadataServer::azure_app_service(
+                                    &endpoint,
+                                    meshgate_connectors::Secret::new(header),
+                                    AZURE_DICOM_RESOURCE,
+                                    client_id.as_deref(),
+                                ),
+                                None => MetadataServer::azure(
+                                    url.as_deref().unwrap_or(AZURE_IMDS_TOKEN_URL),
+                                    AZURE_DICOM_RESOURCE,
+                                    client_id.as_deref(),
+                                ),
+                            }
+                            .map_err(failed)?,
                         )
-                        .map_err(failed)?,
-                    ),
+                    }
                     AzureCredentials::WorkloadIdentity {
                         tenant,
                         client_id,
