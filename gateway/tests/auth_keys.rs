@@ -3,13 +3,21 @@
 //! dropped, refuses short RSA keys, cuts off an oversized JWKS as it
 //! streams in, and keeps serving held keys while the issuer hangs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
+mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use common::peak_rss;
 use jsonwebtoken::jwk::JwkSet;
 use meshgate_gateway::auth::{
     Allowed, AuthError, Authenticator, ClaimNames, DEFAULT_ALGORITHMS, DEFAULT_TOKEN_TYPES,
@@ -167,18 +175,6 @@ async fn an_rsa_key_shorter_than_2048_bits_is_not_trusted() {
     );
 }
 
-/// The peak resident set of this process, in bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test]
 async fn a_chunked_jwks_of_a_gigabyte_is_cut_off_as_it_streams_in() {
     use axum::body::Body;
@@ -202,7 +198,7 @@ async fn a_chunked_jwks_of_a_gigabyte_is_cut_off_as_it_streams_in() {
         }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let before = peak_rss();
+    let before = peak_rss(None);
     let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -213,7 +209,7 @@ async fn a_chunked_jwks_of_a_gigabyte_is_cut_off_as_it_streams_in() {
             .await,
         Err(AuthError::KeysUnavailable)
     );
-    let grown = peak_rss().saturating_sub(before);
+    let grown = peak_rss(None).saturating_sub(before);
     assert!(
         grown < 64 << 20,
         "reading the JWKS grew the process by {} MiB",

@@ -14,79 +14,17 @@
     reason = "tests fail loudly"
 )]
 
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meshgate_gateway::dev_issuer::DevIssuer;
+use common::{Setup, connect_from, free_port, meshgate, peak_rss, serve};
+use meshgate_gateway::synth::{SynthSpec, synthesise};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-fn meshgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshgate"))
-}
-
-/// The server process, killed when dropped.
-struct Server {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// The process's peak resident set (`VmHWM`), bytes.
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    }
-}
-
-fn start(config: &std::path::Path) -> Server {
-    let mut child = meshgate()
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| {
-            let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
-            panic!("the server did not start: {log}")
-        })
-        .parse()
-        .unwrap();
-    Server { child, address }
-}
-
-/// A connection from the loopback address `source`.
-async fn connect_from(source: &str, address: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(format!("{source}:0").parse().unwrap())?;
-    socket.connect(address).await
-}
 
 /// Sends one HTTP/1.1 request from `source` and reads the answer.
 async fn exchange(source: &str, address: SocketAddr, request: String) -> String {
@@ -120,93 +58,49 @@ fn status(answer: &str) -> u16 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_survives_every_attack_at_once_with_health_checks_fast_and_memory_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let synth = meshgate()
-        .args([
-            "synth",
-            "--partner",
-            "north",
-            "--studies",
-            "600",
-            "--seed",
-            "7",
-            "--out",
-        ])
-        .arg(root.join("north"))
-        .output()
-        .unwrap();
-    assert!(synth.status.success());
-    let keygen = meshgate()
-        .args(["audit", "keygen", "--out"])
-        .arg(root.join("checkpoint.pem"))
-        .status()
-        .unwrap();
-    assert!(keygen.success());
-    std::fs::write(
-        root.join("pseudonym.key"),
-        "hostile load test key, 32 bytes or more",
+#[test]
+fn the_server_survives_every_attack_at_once_with_health_checks_fast_and_memory_bounded() {
+    // The attackers share the machine with the server here, not in life:
+    // their threads run at a lower priority (nice +10), so the two cores
+    // stand for the server's machine. The health checks do not.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| {
+            let _ = rustix::process::setpriority_process(None, 10);
+        })
+        .build()
+        .unwrap()
+        .block_on(attack_everything_at_once());
+}
+
+async fn attack_everything_at_once() {
+    // One partner of 600 studies in files; queries are answered from it.
+    let setup = Setup::new().await;
+    let data = setup.dir.path().join("north-600");
+    synthesise(
+        &SynthSpec {
+            partner: "north".into(),
+            studies: 600,
+            seed: 7,
+        },
+        &data,
     )
     .unwrap();
-    std::fs::write(
-        root.join("allow.cedar"),
-        "permit (principal, action in Meshgate::Action::\"QueryStudies\", resource) when { principal.projects.contains(context.project) };\n\
-         permit (principal, action == Meshgate::Action::\"ViewAudit\", resource);\n",
-    )
-    .unwrap();
-    let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let config = root.join("meshgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:0"
-
-[auth]
-[[auth.issuers]]
-issuer = "{issuer}"
-audiences = ["meshgate"]
-jwks_url = "{jwks}"
-trusted_for = {{ institutions = ["*"], roles = ["*"], projects = ["*"], permissions = ["*"] }}
-
-[policies]
-consortium = ["allow.cedar"]
-
-[deidentification]
-key = "${{file:pseudonym.key}}"
-
-[audit]
-store = "sqlite:audit.db"
-checkpoint_key = "${{file:checkpoint.pem}}"
-
-[server]
-header_timeout_ms = 1000
-body_timeout_ms = 3000
-
-[[projects]]
-id = "p1"
-title = "Project one"
-purposes = ["DUO:0000042"]
-
-[[partners]]
-id = "north"
-name = "North"
-institution = "north"
-data_use = {{ permission = "DUO:0000042" }}
-policies = ["allow.cedar"]
-connector = {{ kind = "files", path = "north/dicom" }}
-"#,
-            issuer = issuer.issuer(),
-            jwks = issuer.jwks_url(),
-        ),
-    )
-    .unwrap();
-    let server = start(&config);
-    let address = server.address;
-    let idle_rss = server.peak_rss();
+    let port = free_port();
+    let connector = format!(
+        "{{ kind = \"files\", path = \"{}\" }}",
+        data.join("dicom").display()
+    );
+    let config = setup.config("hostile", port, "sqlite:audit.db", &connector);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[server]\nheader_timeout_ms = 1000\nbody_timeout_ms = 3000\n");
+    std::fs::write(&config, text).unwrap();
+    let mut server = serve(&config, port).await;
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let pid = server.0.id();
+    let idle_rss = peak_rss(Some(pid));
+    let issuer = &setup.issuer;
     let token = |sub: &str| {
         issuer.token(
             &json!({"sub": sub, "roles": ["researcher", "governance"], "projects": ["p1"]}),
@@ -377,7 +271,7 @@ connector = {{ kind = "files", path = "north/dicom" }}
     }
     done.store(true, Ordering::SeqCst);
     monitor.join().unwrap();
-    let peak = server.peak_rss();
+    let peak = peak_rss(Some(pid));
     let slowest = Duration::from_micros(slowest.load(Ordering::SeqCst));
     let slowest_refusal = Duration::from_micros(slowest_refusal.load(Ordering::SeqCst));
     println!(
@@ -408,10 +302,12 @@ connector = {{ kind = "files", path = "north/dicom" }}
 
     // Stopped as an operator would; then the log verifies, and the bad
     // tokens are accounted for in a handful of records.
-    let mut server = server;
-    let pid = rustix::process::Pid::from_child(&server.child);
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let _ = server.child.wait();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&server.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let _ = server.0.wait();
     let verify = meshgate()
         .args(["audit", "verify", "--config"])
         .arg(&config)

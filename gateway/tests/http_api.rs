@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use common::counting_partner;
+use common::{connect_from, counting_partner, peak_rss};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -553,20 +553,12 @@ async fn slow_headers_and_slow_bodies_are_cut_off_after_their_timeouts() {
     assert!(response.contains("REQUEST_TIMEOUT"), "{response}");
 }
 
-/// A connection to `address` from the loopback address `source` (so a
-/// test can be another client than its attacker).
-async fn connect_from(source: &str, address: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(address).await.unwrap()
-}
-
 /// `GET /healthz` from another client address: its status line and how
 /// long the answer took.
 async fn health_check(address: std::net::SocketAddr) -> (String, Duration) {
     use tokio::io::AsyncWriteExt as _;
     let started = Instant::now();
-    let mut stream = connect_from("127.0.0.2", address).await;
+    let mut stream = connect_from("127.0.0.2", address).await.unwrap();
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: meshgate\r\nConnection: close\r\n\r\n")
         .await
@@ -591,7 +583,7 @@ async fn silent_connections_and_bare_http2_prefaces_are_closed_while_health_chec
     // on accept; the rest when their head is late.
     let mut attack = Vec::new();
     for i in 0..150 {
-        let mut stream = connect_from("127.0.0.1", address).await;
+        let mut stream = connect_from("127.0.0.1", address).await.unwrap();
         if i % 5 == 0 {
             stream
                 .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -618,7 +610,7 @@ async fn silent_connections_and_bare_http2_prefaces_are_closed_while_health_chec
         assert!(closed, "attacking connection {i} is still open");
     }
     // An idle keep-alive connection after a response is closed too.
-    let mut kept = connect_from("127.0.0.1", address).await;
+    let mut kept = connect_from("127.0.0.1", address).await.unwrap();
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: meshgate\r\n\r\n")
         .await
         .unwrap();
@@ -639,7 +631,7 @@ async fn slow_uploads_from_one_principal_are_limited_and_others_keep_being_serve
     // Forty uploads from one token that never finish their bodies.
     let mut uploads = Vec::new();
     for _ in 0..40 {
-        let mut stream = connect_from("127.0.0.1", address).await;
+        let mut stream = connect_from("127.0.0.1", address).await.unwrap();
         stream
             .write_all(
                 format!(
@@ -683,18 +675,6 @@ async fn slow_uploads_from_one_principal_are_limited_and_others_keep_being_serve
     }
 }
 
-/// The peak resident set of this process (the gateway runs in it), bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_audit_exports_stream_in_bounded_memory_and_each_is_complete() {
     use futures::StreamExt as _;
@@ -725,7 +705,7 @@ async fn concurrent_audit_exports_stream_in_bounded_memory_and_each_is_complete(
     for task in seeding {
         task.await.unwrap();
     }
-    let before = peak_rss();
+    let before = peak_rss(None);
     // Thirty governance-wide exports of up to 10,000 events at once, read
     // as they stream.
     let exports: Vec<_> = (0..30)
@@ -758,7 +738,7 @@ async fn concurrent_audit_exports_stream_in_bounded_memory_and_each_is_complete(
         // Alice sees her own 4,000 requests (and earlier exports' records).
         assert!(lines >= 4000, "an export had {lines} events");
     }
-    let grown = peak_rss().saturating_sub(before);
+    let grown = peak_rss(None).saturating_sub(before);
     println!(
         "30 concurrent exports of >= 4,000 events grew the peak RSS by {} MiB",
         grown >> 20

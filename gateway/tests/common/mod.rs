@@ -210,3 +210,31 @@ pub async fn serve(config: &Path, port: u16) -> Killed {
     }
     panic!("the gateway did not start");
 }
+
+/// The peak resident set (`VmHWM`) of process `pid` (this one: `None`),
+/// in bytes.
+pub fn peak_rss(pid: Option<u32>) -> u64 {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |pid| format!("/proc/{pid}/status"),
+    );
+    let status = std::fs::read_to_string(path).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// A connection to `address` from the loopback address `source`, so that
+/// a test can be another client than its attacker.
+pub async fn connect_from(
+    source: &str,
+    address: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    socket.connect(address).await
+}
