@@ -20,15 +20,19 @@ use meshgate_tests::cloud::{
     Cloud, CloudStandIn,
 };
 use meshgate_tests::healthimaging::HealthImagingStandIn;
-use meshgate_tests::{COUNT_QUERY, Gateway, Orthanc, SyntheticPartner, dicomweb_partner};
+use meshgate_tests::{Gateway, Orthanc, SyntheticPartner, dicomweb_partner};
 use serde_json::{Value, json};
 
 const RUNS: usize = 3;
+const COUNT_QUERY: &str = r#"
+query Count($filter: StudyFilter) {
+  cohortCount(project: "ground-truth", filter: $filter) { total partners { partner status code count } }
+}"#;
 const PAGE: &str = r#"
 query Page($filter: StudyFilter) {
   imagingStudies(project: "ground-truth", filter: $filter, first: 20) {
     nodes { studyInstanceUid fhir }
-    partners { partner status count }
+    partners { partner status code count }
   }
 }"#;
 
@@ -143,15 +147,29 @@ async fn main() {
     for (name, table, counter) in &profiles {
         let gateway = Gateway::start(table).await;
         for (index, (label, query, filter)) in queries.iter().enumerate() {
+            // Answers are cached per caller: every run is a new caller, so
+            // every run asks the backend.
+            let caller = |run: usize| {
+                gateway.issuer.token(
+                    &json!({"sub": format!("bench-{index}-{run}"), "roles": ["researcher"], "projects": ["ground-truth"]}),
+                    std::time::Duration::from_secs(600),
+                )
+            };
             // One warm-up, so connection set-up and tokens are not measured.
-            gateway.query(query, json!({"filter": filter})).await;
+            gateway
+                .post_as(Some(&caller(RUNS)), query, json!({"filter": filter}))
+                .await;
             let (requests_before, rows_before) = counter();
             let mut times = Vec::new();
             let mut matches = Value::Null;
-            for _ in 0..RUNS {
+            for run in 0..RUNS {
+                let token = caller(run);
                 let started = Instant::now();
-                let answer = gateway.query(query, json!({"filter": filter})).await;
+                let (_, body) = gateway
+                    .post_as(Some(&token), query, json!({"filter": filter}))
+                    .await;
                 times.push(started.elapsed());
+                let answer = &body["data"];
                 let statuses = answer
                     .pointer("/cohortCount/partners")
                     .or_else(|| answer.pointer("/imagingStudies/partners"))
