@@ -127,7 +127,8 @@ impl Admission {
 #[derive(Debug)]
 pub struct FailureTally {
     interval: Duration,
-    pending: Mutex<HashMap<String, Tally>>,
+    /// Per client address and error code.
+    pending: Mutex<HashMap<(String, &'static str), Tally>>,
 }
 
 #[derive(Debug)]
@@ -153,10 +154,11 @@ impl FailureTally {
         }
     }
 
-    pub fn note(&self, source: &str) -> Tallied {
+    pub fn note(&self, source: &str, code: &'static str) -> Tallied {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        match pending.get_mut(source) {
+        let key = (source.to_owned(), code);
+        match pending.get_mut(&key) {
             Some(tally) if now.duration_since(tally.opened) < self.interval => {
                 tally.counted += 1;
                 Tallied::Counted
@@ -168,7 +170,7 @@ impl FailureTally {
             }
             None => {
                 pending.insert(
-                    source.to_owned(),
+                    key,
                     Tally {
                         opened: now,
                         counted: 0,
@@ -179,17 +181,17 @@ impl FailureTally {
         }
     }
 
-    /// The addresses whose interval has ended (every one, with `all`) and
-    /// the failures counted for each and not yet recorded; they are
-    /// forgotten here, so the caller must record them.
-    pub fn due(&self, all: bool) -> Vec<(String, usize)> {
+    /// The (address, error code)s whose interval has ended (every one,
+    /// with `all`) and the failures counted for each and not yet recorded;
+    /// they are forgotten here, so the caller must record them.
+    pub fn due(&self, all: bool) -> Vec<(String, &'static str, usize)> {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let mut due = Vec::new();
-        pending.retain(|source, tally| {
+        pending.retain(|(source, code), tally| {
             let ended = all || now.duration_since(tally.opened) >= self.interval;
             if ended && tally.counted > 0 {
-                due.push((source.clone(), tally.counted));
+                due.push((source.clone(), *code, tally.counted));
             }
             !ended
         });
@@ -218,18 +220,25 @@ mod tests {
     #[tokio::test]
     async fn failed_authentications_are_recorded_once_per_interval_and_none_is_lost() {
         let tally = FailureTally::new(Duration::from_millis(100));
-        assert_eq!(tally.note("a"), Tallied::Record(1));
+        assert_eq!(tally.note("a", "UNAUTHENTICATED"), Tallied::Record(1));
         for _ in 0..50 {
-            assert_eq!(tally.note("a"), Tallied::Counted);
+            assert_eq!(tally.note("a", "UNAUTHENTICATED"), Tallied::Counted);
         }
-        assert_eq!(tally.note("b"), Tallied::Record(1), "each address apart");
+        assert_eq!(
+            tally.note("b", "UNAUTHENTICATED"),
+            Tallied::Record(1),
+            "each address apart"
+        );
         assert!(tally.due(false).is_empty(), "the interval has not ended");
         tokio::time::sleep(Duration::from_millis(120)).await;
         // The next failure after the interval stands for the 50 counted.
-        assert_eq!(tally.note("a"), Tallied::Record(51));
-        tally.note("a");
-        tally.note("a");
-        assert_eq!(tally.due(true), vec![("a".to_owned(), 2)]);
+        assert_eq!(tally.note("a", "UNAUTHENTICATED"), Tallied::Record(51));
+        tally.note("a", "UNAUTHENTICATED");
+        tally.note("a", "UNAUTHENTICATED");
+        assert_eq!(
+            tally.due(true),
+            vec![("a".to_owned(), "UNAUTHENTICATED", 2)]
+        );
         assert!(tally.due(true).is_empty());
     }
 

@@ -180,14 +180,14 @@ pub async fn record_failed_authentications(
     fatal: &FatalHandler,
     all: bool,
 ) {
-    for (source, count) in tally.due(all) {
+    for (source, code, count) in tally.due(all) {
         let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
         let client = source
             .parse::<std::net::IpAddr>()
             .ok()
             .map(|ip| SocketAddr::new(ip, 0));
-        let mut record = RequestContext::new(request_id, client)
-            .audit_record(None, vec!["UNAUTHENTICATED".to_owned()]);
+        let mut record =
+            RequestContext::new(request_id, client).audit_record(None, vec![code.to_owned()]);
         record.error_count = count;
         if let Err(error) = audit.append(&record, fatal).await {
             tracing::error!(%error, count, "failed authentications could not be recorded");
@@ -1281,7 +1281,7 @@ async fn unauthenticated(
     let source = context
         .client
         .map_or_else(|| "unknown".to_owned(), |c| c.ip().to_string());
-    let mut response = match state.auth_failures.note(&source) {
+    let mut response = match state.auth_failures.note(&source, error.code()) {
         Tallied::Record(count) => {
             let mut record = context.audit_record(None, vec![error.code().to_owned()]);
             record.error_count = count;
