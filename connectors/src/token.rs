@@ -280,21 +280,12 @@ impl MetadataServer {
         resource: &str,
         client_id: Option<&str>,
     ) -> Result<MetadataServer, ConnectorError> {
-        let mut url = url(token_url)?;
-        url.query_pairs_mut()
-            .append_pair("api-version", "2018-02-01")
-            .append_pair("resource", resource);
-        if let Some(client_id) = client_id {
-            url.query_pairs_mut().append_pair("client_id", client_id);
-        }
         Ok(MetadataServer {
-            url,
+            url: managed_identity_url(token_url, "2018-02-01", resource, client_id)?,
             header: ("Metadata", Secret::new("true")),
         })
     }
-}
 
-impl MetadataServer {
     /// The managed identity endpoint of Azure App Service, Container Apps
     /// and Functions: `IDENTITY_ENDPOINT`, asked with the
     /// `X-IDENTITY-HEADER` secret (`IDENTITY_HEADER`) and
@@ -305,18 +296,29 @@ impl MetadataServer {
         resource: &str,
         client_id: Option<&str>,
     ) -> Result<MetadataServer, ConnectorError> {
-        let mut url = url(endpoint)?;
-        url.query_pairs_mut()
-            .append_pair("api-version", "2019-08-01")
-            .append_pair("resource", resource);
-        if let Some(client_id) = client_id {
-            url.query_pairs_mut().append_pair("client_id", client_id);
-        }
         Ok(MetadataServer {
-            url,
+            url: managed_identity_url(endpoint, "2019-08-01", resource, client_id)?,
             header: ("X-IDENTITY-HEADER", identity_header),
         })
     }
+}
+
+/// An Azure managed identity token URL: `endpoint` with the API version,
+/// the resource and, for a user-assigned identity, its client id.
+fn managed_identity_url(
+    endpoint: &str,
+    api_version: &str,
+    resource: &str,
+    client_id: Option<&str>,
+) -> Result<reqwest::Url, ConnectorError> {
+    let mut url = url(endpoint)?;
+    url.query_pairs_mut()
+        .append_pair("api-version", api_version)
+        .append_pair("resource", resource);
+    if let Some(client_id) = client_id {
+        url.query_pairs_mut().append_pair("client_id", client_id);
+    }
+    Ok(url)
 }
 
 #[async_trait]
