@@ -107,10 +107,6 @@ pub enum ConnectorError {
     /// The connector is configured wrongly.
     #[error("the connector is misconfigured: {0}")]
     Config(String),
-    /// The partner's store can neither match nor return an attribute the
-    /// query filters on, so no answer from it would be complete.
-    #[error("the partner's store cannot answer a filter on {0}")]
-    FilterUnsupported(&'static str),
 }
 
 impl ConnectorError {
@@ -126,13 +122,12 @@ impl ConnectorError {
             ConnectorError::ResponseTooLarge => "PARTNER_RESPONSE_TOO_LARGE",
             ConnectorError::Storage(_) => "PARTNER_STORAGE_ERROR",
             ConnectorError::Config(_) => "CONNECTOR_MISCONFIGURED",
-            ConnectorError::FilterUnsupported(_) => "PARTNER_FILTER_UNSUPPORTED",
         }
     }
 
     pub fn fault(&self) -> Fault {
         match self {
-            ConnectorError::Config(_) | ConnectorError::FilterUnsupported(_) => Fault::Ours,
+            ConnectorError::Config(_) => Fault::Ours,
             _ => Fault::Upstream,
         }
     }

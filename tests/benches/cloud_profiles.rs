@@ -156,10 +156,14 @@ async fn main() {
                 )
             };
             // One warm-up, so connection set-up and tokens are not measured.
+            // Its requests are shown where later runs need fewer (what the
+            // connector caches itself: Azure's series body parts).
+            let (first_before, _) = counter();
             gateway
                 .post_as(Some(&caller(RUNS)), query, json!({"filter": filter}))
                 .await;
             let (requests_before, rows_before) = counter();
+            let first = (requests_before - first_before) as usize;
             let mut times = Vec::new();
             let mut matches = Value::Null;
             for run in 0..RUNS {
@@ -174,14 +178,8 @@ async fn main() {
                     .pointer("/cohortCount/partners")
                     .or_else(|| answer.pointer("/imagingStudies/partners"))
                     .unwrap();
-                // A filter the service can neither match nor return (body
-                // part on Azure) is refused, not answered with nothing.
-                if statuses[0]["code"] == "PARTNER_FILTER_UNSUPPORTED" {
-                    matches = json!("refused: PARTNER_FILTER_UNSUPPORTED");
-                } else {
-                    assert_eq!(statuses[0]["status"], "OK", "{name}: {answer}");
-                    matches = statuses[0]["count"].clone();
-                }
+                assert_eq!(statuses[0]["status"], "OK", "{name}: {answer}");
+                matches = statuses[0]["count"].clone();
             }
             times.sort();
             let median = times[RUNS / 2].as_secs_f64() * 1000.0;
@@ -193,8 +191,13 @@ async fn main() {
             let (requests, rows) = if name.starts_with("orthanc") {
                 ("-".to_owned(), "-".to_owned())
             } else {
+                let later = per_run(requests, requests_before);
                 (
-                    per_run(requests, requests_before).to_string(),
+                    if first > later {
+                        format!("{later} (first run {first})")
+                    } else {
+                        later.to_string()
+                    },
                     per_run(rows, rows_before).to_string(),
                 )
             };

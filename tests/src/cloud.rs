@@ -7,11 +7,14 @@
 //!   bearer tokens from its metadata server (short-lived here, so they
 //!   expire during a test), `limit` at most 5,000 (default 100; more: 400).
 //! - Azure DICOM service: `/v2/partitions/NAME/…`, Entra ID client
-//!   credentials at `/{tenant}/oauth2/v2.0/token` (secret checked),
-//!   `limit` 1–200 (outside: 400), `204` for no rows, pages that repeat
-//!   the previous page's last row; `PatientSex` and `BodyPartExamined`
-//!   refused as match keys (400), UID lists matched as one value,
-//!   `BodyPartExamined` left out of series-level answers.
+//!   credentials at `/{tenant}/oauth2/v2.0/token` (a client secret, or a
+//!   workload identity's federated token as a JWT-bearer client assertion,
+//!   each checked), `limit` 1–200 (outside: 400), `204` for no rows;
+//!   `PatientSex` and `BodyPartExamined` refused as match keys (400), UID
+//!   lists matched as one value, `BodyPartExamined` left out of every
+//!   search answer (it is in the instances' metadata). Pages repeat the
+//!   previous page's last row when asked to act as if studies were being
+//!   added during the search, as Azure documents.
 //! - Google also refuses UID lists and study-level `ModalitiesInStudy`
 //!   (not among its documented search keys); AWS `PatientSex` and
 //!   `BodyPartExamined`.
@@ -29,7 +32,7 @@
 //! of the cloud profile.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +81,10 @@ struct Inner {
     unsupported: AtomicU32,
     refused: AtomicU32,
     rows: AtomicU32,
+    /// The federated token an Azure workload identity may present.
+    federated_token: Mutex<Option<String>>,
+    /// Azure: pages repeat the previous page's last row.
+    repeat_rows: AtomicBool,
 }
 
 /// A running stand-in.
@@ -115,6 +122,8 @@ impl CloudStandIn {
             unsupported: AtomicU32::new(0),
             refused: AtomicU32::new(0),
             rows: AtomicU32::new(0),
+            federated_token: Mutex::default(),
+            repeat_rows: AtomicBool::new(false),
         });
         let app = Router::new()
             .route(
@@ -131,6 +140,22 @@ impl CloudStandIn {
     }
 
     /// Tokens issued so far.
+    /// Azure: trusts `token` (only) as a workload identity's federated
+    /// token, as Entra ID trusts the current token of a federated issuer.
+    pub fn trust_federated_token(&self, token: &str) {
+        *self
+            .inner
+            .federated_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
+    }
+
+    /// Azure: acts as while studies are being added during a search, when
+    /// Azure documents that a page can repeat the previous page's last row.
+    pub fn repeat_rows_across_pages(&self, repeat: bool) {
+        self.inner.repeat_rows.store(repeat, Ordering::SeqCst);
+    }
+
     pub fn tokens_issued(&self) -> u32 {
         self.inner.issued.load(Ordering::SeqCst)
     }
@@ -200,18 +225,28 @@ async fn entra_token(
     Path(tenant): Path<String>,
     axum::Form(form): axum::Form<HashMap<String, String>>,
 ) -> Response {
+    let field = |name: &str| form.get(name).map(String::as_str);
+    let trusted = inner
+        .federated_token
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // Exactly one proof: a client secret, or a federated token.
+    let proof = match (field("client_secret"), field("client_assertion")) {
+        (Some(secret), None) => secret == inner.client_secret,
+        (None, Some(assertion)) => {
+            field("client_assertion_type")
+                == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                && trusted.as_deref() == Some(assertion)
+        }
+        _ => false,
+    };
     let valid = inner.cloud == Cloud::Azure
         && tenant == AZURE_TENANT
-        && form
-            .get("grant_type")
-            .is_some_and(|g| g == "client_credentials")
-        && form.get("client_id").is_some_and(|c| c == AZURE_CLIENT_ID)
-        && form
-            .get("client_secret")
-            .is_some_and(|s| *s == inner.client_secret)
-        && form
-            .get("scope")
-            .is_some_and(|s| s == "https://dicom.healthcareapis.azure.com/.default");
+        && field("grant_type") == Some("client_credentials")
+        && field("client_id") == Some(AZURE_CLIENT_ID)
+        && proof
+        && field("scope") == Some("https://dicom.healthcareapis.azure.com/.default");
     if !valid {
         return (
             StatusCode::BAD_REQUEST,
@@ -469,8 +504,8 @@ async fn dicomweb(
         // A list is one (unmatchable) UID to Azure.
         rows.clear();
     }
-    if inner.cloud == Cloud::Azure && level == "series" {
-        // Azure does not return BodyPartExamined at series level.
+    if inner.cloud == Cloud::Azure && matches!(level, "studies" | "series" | "instances") {
+        // Azure's searches do not return BodyPartExamined.
         for row in &mut rows {
             if let Some(row) = row.as_object_mut() {
                 row.remove("00180015");
@@ -479,7 +514,7 @@ async fn dicomweb(
     }
     // Azure repeats the previous page's last row at the top of the next.
     let start = match inner.cloud {
-        Cloud::Azure if offset > 0 => offset - 1,
+        Cloud::Azure if offset > 0 && inner.repeat_rows.load(Ordering::SeqCst) => offset - 1,
         _ => offset,
     };
     let cap = match inner.cloud {

@@ -1030,37 +1030,7 @@ pub async fn cohort_counts_and_every_page_equal_the_ground_truth(
     truth: &GroundTruth,
     two: [&'static str; 2],
 ) {
-    cohort_counts_and_pages_equal_the_ground_truth_where_body_part_is_refused_by(
-        gateway,
-        truth,
-        two,
-        &[],
-    )
-    .await;
-}
-
-/// The same, where the partners in `refusing` cannot answer a body-part
-/// filter (they report `PARTNER_FILTER_UNSUPPORTED`): body-part cohorts are
-/// asked of the partners of `two` that can (a gateway whose partners are
-/// `two`).
-pub async fn cohort_counts_and_pages_equal_the_ground_truth_where_body_part_is_refused_by(
-    gateway: &Gateway,
-    truth: &GroundTruth,
-    two: [&'static str; 2],
-    refusing: &[&'static str],
-) {
-    let mut cases = cohorts(truth, two);
-    for (_, cohort) in &mut cases {
-        if cohort.body_part.is_some() && !refusing.is_empty() {
-            let asked = cohort.partners.clone().unwrap_or_else(|| two.to_vec());
-            cohort.partners = Some(
-                asked
-                    .into_iter()
-                    .filter(|p| !refusing.contains(p))
-                    .collect(),
-            );
-        }
-    }
+    let cases = cohorts(truth, two);
     let mut non_empty = 0;
     for (name, cohort) in &cases {
         let expected = truth.answer(cohort);

@@ -81,7 +81,15 @@ pub struct DicomWebConnector {
     measured: RwLock<Option<probe::Measured>>,
     /// Retries this partner may be sent.
     retries: http::RetryBudget,
+    /// Body parts read from instance metadata, by series UID, where the
+    /// backend does not return them at series level (Azure).
+    body_parts: moka::future::Cache<String, Option<String>>,
 }
+
+/// The most series whose body part one search reads from instance
+/// metadata (two requests each, then cached); beyond it the partner's
+/// answer is `TRUNCATED`.
+const MAX_BODY_PART_LOOKUPS: usize = 2_000;
 
 /// The study-level attributes asked for beyond the QIDO-RS defaults.
 const STUDY_FIELDS: &[Tag] = &[
@@ -147,6 +155,10 @@ impl DicomWebConnector {
             page_size,
             measured: RwLock::new(None),
             retries: http::RetryBudget::default(),
+            body_parts: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
         })
     }
 
@@ -490,8 +502,9 @@ impl DicomWebConnector {
                 .map(|params| self.search_all("series", params, tags::SERIES_INSTANCE_UID)),
         )
         .await?;
-        let mut studies: HashMap<String, BTreeSet<String>> = HashMap::new();
         let mut truncated = false;
+        // (study UID, series UID, body part) of series of a wanted modality.
+        let mut candidates = Vec::new();
         for (rows, capped) in answers {
             truncated |= capped;
             for row in rows {
@@ -500,22 +513,97 @@ impl DicomWebConnector {
                         .text(tags::MODALITY)
                         .and_then(|code| Modality::from_code(&code))
                         .is_some_and(|m| query.modalities.contains(&m));
-                let part = row
-                    .text(tags::BODY_PART_EXAMINED)
-                    .map(|p| p.to_ascii_uppercase());
-                let part_ok = query
-                    .body_part
-                    .as_ref()
-                    .is_none_or(|want| part.as_ref() == Some(want));
                 if modality_ok
-                    && part_ok
-                    && let Some(uid) = row.text(tags::STUDY_INSTANCE_UID)
+                    && let (Some(study), Some(series)) = (
+                        row.text(tags::STUDY_INSTANCE_UID),
+                        row.text(tags::SERIES_INSTANCE_UID),
+                    )
                 {
-                    studies.entry(uid).or_default().extend(part);
+                    let part = row.text(tags::BODY_PART_EXAMINED);
+                    candidates.push((study, series, part));
                 }
             }
         }
+        if query.body_part.is_some() && !self.settings.profile.returns_series_body_part() {
+            truncated |= self.read_body_parts(&mut candidates).await?;
+        }
+        let mut studies: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (study, _, part) in candidates {
+            let part = part.map(|p| p.to_ascii_uppercase());
+            if query
+                .body_part
+                .as_ref()
+                .is_none_or(|want| part.as_ref() == Some(want))
+            {
+                studies.entry(study).or_default().extend(part);
+            }
+        }
         Ok((studies, truncated))
+    }
+
+    /// Fills in the body parts of series found by a backend that does not
+    /// return them at series level (Azure), from the metadata (WADO-RS) of
+    /// one instance of each series: `BodyPartExamined` belongs to the
+    /// General Series module, so every instance of a series carries the
+    /// same value. At most [`MAX_BODY_PART_LOOKUPS`] series are read per
+    /// search; the rest are dropped and the answer is reported truncated.
+    async fn read_body_parts(
+        &self,
+        candidates: &mut Vec<(String, String, Option<String>)>,
+    ) -> Result<bool, ConnectorError> {
+        candidates.sort_unstable();
+        candidates.dedup_by(|a, b| a.1 == b.1);
+        let truncated = candidates.len() > MAX_BODY_PART_LOOKUPS;
+        candidates.truncate(MAX_BODY_PART_LOOKUPS);
+        let series: Vec<(String, String)> = candidates
+            .iter()
+            .map(|(study, series, _)| (study.clone(), series.clone()))
+            .collect();
+        let parts: Vec<Option<String>> = stream::iter(series)
+            .map(|(study, series)| async move {
+                let read = self.series_body_part(&study, &series);
+                self.body_parts
+                    .try_get_with(series.clone(), read)
+                    .await
+                    .map_err(|e| (*e).clone())
+            })
+            .buffered(self.settings.detail_concurrency.max(1))
+            .try_collect()
+            .await?;
+        for (candidate, part) in candidates.iter_mut().zip(parts) {
+            candidate.2 = part;
+        }
+        Ok(truncated)
+    }
+
+    /// The body part of one series, from its first instance's metadata.
+    async fn series_body_part(
+        &self,
+        study: &str,
+        series: &str,
+    ) -> Result<Option<String>, ConnectorError> {
+        let base = format!("studies/{}/series/{}", path_uid(study)?, path_uid(series)?);
+        let first = self
+            .get_json(
+                &format!("{base}/instances"),
+                &[("limit".into(), "1".into())],
+            )
+            .await?;
+        let Some(instance) = first
+            .first()
+            .and_then(|row| row.text(tags::SOP_INSTANCE_UID))
+        else {
+            return Ok(None);
+        };
+        let metadata = self
+            .get_json(
+                &format!("{base}/instances/{}/metadata", path_uid(&instance)?),
+                &[],
+            )
+            .await?;
+        Ok(metadata
+            .first()
+            .and_then(|attributes| attributes.text(tags::BODY_PART_EXAMINED)))
     }
 
     /// Series and instances of many studies at once, where the backend was
@@ -588,6 +676,7 @@ impl DicomWebConnector {
     async fn series_of(&self, study_uid: &str) -> Result<Vec<Series>, ConnectorError> {
         let series_params = vec![("includefield".to_owned(), include_fields(SERIES_FIELDS))];
         let instance_params = vec![("includefield".to_owned(), include_fields(INSTANCE_FIELDS))];
+        let study_uid = path_uid(study_uid)?;
         let series_path = format!("studies/{study_uid}/series");
         let instances_path = format!("studies/{study_uid}/instances");
         let ((series_rows, _), (instance_rows, _)) = futures::try_join!(
@@ -642,11 +731,6 @@ impl Connector for DicomWebConnector {
     }
 
     async fn search(&self, query: &StudyQuery) -> Result<SearchOutcome, ConnectorError> {
-        // A filter the store can neither match nor return: an error, never
-        // a cohort that silently lacks this partner's studies.
-        if query.body_part.is_some() && !self.settings.profile.returns_series_body_part() {
-            return Err(ConnectorError::FilterUnsupported("body part"));
-        }
         let mut plan = self.plan(query, true);
         let mut first_page = None;
         if let Some(limit) = plan.first_page {
@@ -749,6 +833,15 @@ impl Connector for DicomWebConnector {
     }
 }
 
+/// A UID a backend returned, checked before it goes into a request path
+/// (digits and dots, at most 64 characters: PS3.5 9.1), so a hostile
+/// answer cannot steer a request elsewhere on the partner's server.
+fn path_uid(uid: &str) -> Result<&str, ConnectorError> {
+    let valid =
+        !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    valid.then_some(uid).ok_or(ConnectorError::BadResponse)
+}
+
 fn include_fields(fields: &[Tag]) -> String {
     fields
         .iter()
@@ -794,5 +887,25 @@ impl DicomWebConnector {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_uid;
+
+    #[test]
+    fn uids_from_a_backend_cannot_steer_a_request_path() {
+        assert_eq!(path_uid("1.2.840.10008.1").unwrap(), "1.2.840.10008.1");
+        for hostile in [
+            "",
+            "../../admin",
+            "1.2/../3",
+            "1.2?x=1",
+            "1.2%2F",
+            &"1".repeat(65),
+        ] {
+            assert!(path_uid(hostile).is_err(), "{hostile}");
+        }
     }
 }

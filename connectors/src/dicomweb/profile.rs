@@ -120,9 +120,9 @@ impl Profile {
     }
 
     /// Whether series-level answers carry `BodyPartExamined`: Azure's v2
-    /// conformance does not return it there, so a body-part filter cannot
-    /// be checked on an Azure partner and is refused for it rather than
-    /// answered with nothing.
+    /// conformance does not return it there (nor at instance level), so on
+    /// an Azure partner the body parts of a body-part cohort's candidate
+    /// series are read from instance metadata (WADO-RS).
     pub fn returns_series_body_part(self) -> bool {
         !matches!(self, Profile::Azure)
     }
