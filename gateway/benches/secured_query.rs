@@ -137,7 +137,8 @@ fn benches(c: &mut Criterion) {
         projects: vec!["lung-cancer".into()],
         ..Default::default()
     };
-    let baseline_schema = schema(open.services.clone(), open.server.profile);
+    let baseline_schema = schema(open.server.profile);
+    let baseline_services = open.registry.current().services.clone();
     let open_router = build_app(open);
     let secured_router = build_app(secured);
 
@@ -145,7 +146,11 @@ fn benches(c: &mut Criterion) {
         let mut context = RequestContext::new("bench".into(), None);
         context.principal = Some(principal.clone());
         let response = baseline_schema
-            .execute(async_graphql::Request::new(QUERY).data(context))
+            .execute(
+                async_graphql::Request::new(QUERY)
+                    .data(context)
+                    .data(baseline_services.clone()),
+            )
             .await;
         assert!(response.errors.is_empty(), "{:?}", response.errors);
     };

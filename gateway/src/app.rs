@@ -15,21 +15,8 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use meshgate_connectors::aws_credentials::{
-    AwsCredentialProvider, AwsCredentialSource, AwsEndpoints, ProcessAwsEnvironment, StaticSource,
-    default_chain,
-};
-use meshgate_connectors::dicomweb::{Auth, DicomWebConnector, DicomWebSettings, Profile};
-use meshgate_connectors::files::FilesConnector;
-use meshgate_connectors::healthimaging::{self, HealthImagingConnector, HealthImagingSettings};
-use meshgate_connectors::sigv4::{AwsCredentials, HEALTHIMAGING_SERVICE};
-use meshgate_connectors::token::{
-    AZURE_DICOM_RESOURCE, AZURE_DICOM_SCOPE, AZURE_IMDS_TOKEN_URL, ClientCredentials, ClientProof,
-    GOOGLE_HEALTHCARE_SCOPE, GOOGLE_METADATA_TOKEN_URL, GoogleServiceAccount, MetadataServer,
-    TokenProvider, TokenSource,
-};
-use meshgate_connectors::{Connector, ConnectorError};
-use meshgate_schema::fhir::MappingOptions;
+use meshgate_connectors::ConnectorError;
+use meshgate_schema::principal::ActiveSnapshot;
 use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -40,18 +27,13 @@ use tracing::Instrument as _;
 use crate::admission::{Admission, FailureTally, Tallied, Ticket};
 use crate::audit::view::AuditFilter;
 use crate::audit::{AuditError, AuditLog, FatalHandler};
-use crate::auth::{AuthError, Authenticator};
-use crate::cache::AnswerCache;
-use crate::config::{
-    AuthConfig, AwsApi, AwsCredentialsConfig, AzureCredentials, ConnectorConfig, GcpCredentials,
-    LoadedConfig, parse_utc_offset,
-};
+use crate::auth::AuthError;
+use crate::config::LoadedConfig;
 use crate::config::{ServerProfile, ServerSection};
-use crate::federation::{Federation, Partner};
-use crate::graphql::{MeshgateSchema, Services, audit_selection, schema};
+use crate::graphql::{MeshgateSchema, audit_selection, schema};
 use crate::limits;
 use crate::metrics::METRICS;
-use crate::protection::Guard;
+use crate::registry::{Registry, Snapshot};
 use crate::request::{AuditRecord, RequestContext};
 
 /// Largest request body accepted.
@@ -60,7 +42,9 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 struct AppState {
     schema: MeshgateSchema,
-    services: Services,
+    /// The snapshot each request runs on.
+    registry: Arc<Registry>,
+    audit: Arc<AuditLog>,
     server: ServerSection,
     /// One permit per GraphQL request being handled.
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -73,7 +57,6 @@ struct AppState {
     /// the one serving connections, so that heavy queries never delay an
     /// accept, a health check or a refusal.
     work: tokio::runtime::Handle,
-    authenticator: Arc<Authenticator>,
     fatal: FatalHandler,
 }
 
@@ -94,14 +77,11 @@ pub enum StartError {
 /// Exit status after a storage failure under the audit log.
 pub const EXIT_AUDIT_STORAGE: i32 = 70;
 
-/// How long start-up waits for each partner's capability probe.
-pub const STARTUP_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Everything a running gateway is made of.
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    pub services: Services,
-    pub authenticator: Arc<Authenticator>,
+    /// The partners, policies and issuers in force, and how to reload them.
+    pub registry: Arc<Registry>,
     pub server: ServerSection,
     /// Failed authentications counted and not yet in the audit log; see
     /// [`record_failed_authentications`].
@@ -111,60 +91,23 @@ pub struct Gateway {
     pub metrics_token: Option<meshgate_connectors::Secret>,
 }
 
+impl Gateway {
+    /// The audit log (the same in every snapshot).
+    pub fn audit(&self) -> Arc<AuditLog> {
+        Arc::clone(&self.registry.current().services.audit)
+    }
+}
+
 /// Failed authentications from one client address within this are
 /// recorded together.
 pub const AUTH_FAILURE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Builds the connectors, loads the policies and sets up token verification.
+/// Opens the audit log, builds and probes every partner, loads the
+/// policies and sets up token verification.
 pub async fn start(loaded: &LoadedConfig) -> Result<Gateway, StartError> {
     let audit = AuditLog::open(&loaded.audit).await?;
-    let federation = federation(loaded).await?;
-    // Probe every partner before serving, so that measured capabilities
-    // drive push-down from the first query. A partner that cannot be
-    // checked now is still served, on its profile's assumptions.
-    for check in federation.check(STARTUP_CHECK_TIMEOUT).await {
-        match &check.outcome {
-            Ok(latency) => tracing::info!(
-                partner = %check.partner.id,
-                latency_ms = latency.as_millis() as u64,
-                measured = check.partner.connector.capabilities().measured,
-                "partner checked"
-            ),
-            Err(failure) => {
-                tracing::warn!(
-                    partner = %check.partner.id,
-                    code = failure.code(),
-                    "partner could not be checked; using its profile's assumed capabilities"
-                );
-                // One that did not answer at all is probed again until it
-                // does; one that answered (refused credentials, throttled)
-                // needs its operator, not more requests.
-                if !check.reachable() {
-                    tokio::spawn(recheck(Arc::downgrade(&check.partner)));
-                }
-            }
-        }
-    }
-    tracing::info!(
-        policies = loaded.authorizer.policy_count(),
-        "policies loaded"
-    );
     Ok(Gateway {
-        services: Services {
-            federation,
-            authorizer: Arc::clone(&loaded.authorizer),
-            pseudonym_key: loaded.pseudonym_key.clone(),
-            audit,
-            // At least one largest page, so that one can always be asked.
-            studies_in_flight: Arc::new(tokio::sync::Semaphore::new(
-                loaded
-                    .config
-                    .server
-                    .max_studies_in_flight
-                    .max(crate::graphql::MAX_PAGE_SIZE as usize),
-            )),
-        },
-        authenticator: Arc::new(Authenticator::new(loaded.issuers.clone())?),
+        registry: Arc::new(Registry::start(loaded, audit).await?),
         server: loaded.config.server,
         auth_failures: Arc::new(FailureTally::new(AUTH_FAILURE_INTERVAL)),
         metrics_token: loaded.metrics_token.clone(),
@@ -204,327 +147,6 @@ pub fn exit_on_audit_storage_failure() -> FatalHandler {
     })
 }
 
-/// The first pause before probing again a partner that could not be
-/// checked at start-up; pauses double up to [`RECHECK_MAX_PAUSE`].
-pub const RECHECK_FIRST_PAUSE: Duration = Duration::from_secs(2);
-pub const RECHECK_MAX_PAUSE: Duration = Duration::from_secs(300);
-
-/// Probes a partner that could not be reached at start-up again, with
-/// growing pauses, until it answers: a partner that comes back gets its
-/// measured capabilities without a restart. Ends with the gateway.
-async fn recheck(partner: std::sync::Weak<Partner>) {
-    let mut pause = RECHECK_FIRST_PAUSE;
-    loop {
-        tokio::time::sleep(pause).await;
-        let Some(partner) = partner.upgrade() else {
-            return;
-        };
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(STARTUP_CHECK_TIMEOUT, partner.connector.check()).await
-        {
-            tracing::info!(partner = %partner.id, "partner checked after start-up");
-            return;
-        }
-        pause = (pause * 2).min(RECHECK_MAX_PAUSE);
-    }
-}
-
-/// Builds every partner's connector as configured.
-pub async fn federation(loaded: &LoadedConfig) -> Result<Federation, StartError> {
-    let mut partners = Vec::with_capacity(loaded.config.partners.len());
-    for (index, partner) in loaded.config.partners.iter().enumerate() {
-        let id = partner.id.get_ref().clone();
-        let failed = |source| StartError::Connector {
-            partner: id.clone(),
-            source,
-        };
-        // The partner's resolved credential, which its configuration refers to.
-        let secret = || {
-            loaded
-                .secrets
-                .for_partner(index)
-                .cloned()
-                .ok_or_else(|| failed(ConnectorError::Config("credential missing".into())))
-        };
-        let connector: Arc<dyn Connector> = match &partner.connector {
-            ConnectorConfig::Files {
-                path,
-                rescan_interval_ms,
-            } => Arc::new(
-                FilesConnector::open(
-                    path.clone(),
-                    Duration::from_millis((*rescan_interval_ms).max(100)),
-                )
-                .await
-                .map_err(failed)?,
-            ),
-            ConnectorConfig::Gcp {
-                project,
-                location,
-                dataset,
-                dicom_store,
-                credentials,
-                endpoint,
-                page_size,
-            } => {
-                let root = endpoint
-                    .as_deref()
-                    .unwrap_or("https://healthcare.googleapis.com/v1")
-                    .trim_end_matches('/');
-                let base = format!(
-                    "{root}/projects/{project}/locations/{location}/datasets/{dataset}/dicomStores/{dicom_store}/dicomWeb/"
-                );
-                let source: Box<dyn TokenSource> = match credentials {
-                    GcpCredentials::ServiceAccount { .. } => Box::new(
-                        GoogleServiceAccount::from_key_file(&secret()?, GOOGLE_HEALTHCARE_SCOPE)
-                            .map_err(failed)?,
-                    ),
-                    GcpCredentials::MetadataServer { url } => Box::new(
-                        MetadataServer::google(url.as_deref().unwrap_or(GOOGLE_METADATA_TOKEN_URL))
-                            .map_err(failed)?,
-                    ),
-                };
-                cloud_dicomweb(&base, Profile::Gcp, source, *page_size).map_err(failed)?
-            }
-            ConnectorConfig::Aws {
-                region,
-                datastore_id,
-                api,
-                credentials,
-                endpoint,
-                page_size,
-                max_results,
-            } => {
-                let chain: Vec<Box<dyn AwsCredentialSource>> = match credentials {
-                    AwsCredentialsConfig::Chain => default_chain(
-                        Arc::new(ProcessAwsEnvironment),
-                        AwsEndpoints::for_region(region),
-                    ),
-                    AwsCredentialsConfig::Static { access_key_id, .. } => {
-                        vec![Box::new(StaticSource(AwsCredentials {
-                            access_key_id: access_key_id.clone(),
-                            secret_access_key: secret()?,
-                            session_token: None,
-                        }))]
-                    }
-                };
-                let credentials = Arc::new(AwsCredentialProvider::new(chain).map_err(failed)?);
-                let invalid_url = || {
-                    failed(ConnectorError::Config(
-                        "the service URL is not valid".into(),
-                    ))
-                };
-                match api {
-                    AwsApi::Dicomweb => {
-                        let root = endpoint.clone().unwrap_or_else(|| {
-                            format!("https://dicom-medical-imaging.{region}.amazonaws.com")
-                        });
-                        let base =
-                            format!("{}/datastore/{datastore_id}/", root.trim_end_matches('/'));
-                        let base_url = meshgate_connectors::dicomweb::Url::parse(&base)
-                            .map_err(|_| invalid_url())?;
-                        Arc::new(
-                            DicomWebConnector::new(DicomWebSettings {
-                                base_url,
-                                profile: Profile::Aws,
-                                auth: Auth::SigV4 {
-                                    credentials,
-                                    region: region.clone(),
-                                    service: HEALTHIMAGING_SERVICE,
-                                },
-                                page_size: *page_size,
-                                detail_concurrency: 8,
-                                max_results: *max_results,
-                            })
-                            .map_err(failed)?,
-                        )
-                    }
-                    AwsApi::Native => {
-                        let root = endpoint
-                            .clone()
-                            .unwrap_or_else(|| healthimaging::default_endpoint(region));
-                        let endpoint = meshgate_connectors::dicomweb::Url::parse(&format!(
-                            "{}/",
-                            root.trim_end_matches('/')
-                        ))
-                        .map_err(|_| invalid_url())?;
-                        Arc::new(
-                            HealthImagingConnector::new(HealthImagingSettings {
-                                endpoint,
-                                region: region.clone(),
-                                datastore_id: datastore_id.clone(),
-                                credentials,
-                                detail_concurrency: 8,
-                            })
-                            .map_err(failed)?,
-                        )
-                    }
-                }
-            }
-            ConnectorConfig::Azure {
-                workspace,
-                service,
-                partition,
-                credentials,
-                endpoint,
-                page_size,
-            } => {
-                let root = endpoint.clone().unwrap_or_else(|| {
-                    format!("https://{workspace}-{service}.dicom.azurehealthcareapis.com")
-                });
-                let mut base = format!("{}/v2/", root.trim_end_matches('/'));
-                if let Some(partition) = partition {
-                    base.push_str(&format!("partitions/{partition}/"));
-                }
-                let authority_url = |authority: &Option<String>, tenant: &str| {
-                    let authority = authority
-                        .clone()
-                        .or_else(|| std::env::var("AZURE_AUTHORITY_HOST").ok())
-                        .unwrap_or_else(|| "https://login.microsoftonline.com".to_owned());
-                    ClientCredentials::token_url(&authority, tenant)
-                };
-                let source: Box<dyn TokenSource> = match credentials {
-                    AzureCredentials::ClientSecret {
-                        tenant,
-                        client_id,
-                        authority,
-                        ..
-                    } => Box::new(ClientCredentials {
-                        token_url: authority_url(authority, tenant).map_err(failed)?,
-                        client_id: client_id.clone(),
-                        proof: ClientProof::Secret(secret()?),
-                        scope: AZURE_DICOM_SCOPE.to_owned(),
-                    }),
-                    // Off virtual machines (App Service, Container Apps,
-                    // Functions) the platform sets IDENTITY_ENDPOINT and
-                    // IDENTITY_HEADER; on one, IMDS answers.
-                    AzureCredentials::ManagedIdentity { client_id, url } => {
-                        let app_service = std::env::var("IDENTITY_ENDPOINT")
-                            .ok()
-                            .zip(std::env::var("IDENTITY_HEADER").ok())
-                            .filter(|_| url.is_none());
-                        Box::new(
-                            match app_service {
-                                Some((endpoint, header)) => MetadataServer::azure_app_service(
-                                    &endpoint,
-                                    meshgate_connectors::Secret::new(header),
-                                    AZURE_DICOM_RESOURCE,
-                                    client_id.as_deref(),
-                                ),
-                                None => MetadataServer::azure(
-                                    url.as_deref().unwrap_or(AZURE_IMDS_TOKEN_URL),
-                                    AZURE_DICOM_RESOURCE,
-                                    client_id.as_deref(),
-                                ),
-                            }
-                            .map_err(failed)?,
-                        )
-                    }
-                    AzureCredentials::WorkloadIdentity {
-                        tenant,
-                        client_id,
-                        token_file,
-                        authority,
-                    } => {
-                        let from_env = |name: &str| std::env::var(name).ok();
-                        let missing = |what: &str| {
-                            failed(ConnectorError::Config(format!(
-                                "workload identity needs {what} (in the configuration or the environment)"
-                            )))
-                        };
-                        let tenant = tenant
-                            .clone()
-                            .or_else(|| from_env("AZURE_TENANT_ID"))
-                            .ok_or_else(|| missing("a tenant"))?;
-                        let client_id = client_id
-                            .clone()
-                            .or_else(|| from_env("AZURE_CLIENT_ID"))
-                            .ok_or_else(|| missing("a client id"))?;
-                        let token_file = token_file
-                            .clone()
-                            .or_else(|| from_env("AZURE_FEDERATED_TOKEN_FILE").map(Into::into))
-                            .ok_or_else(|| missing("a federated token file"))?;
-                        Box::new(ClientCredentials {
-                            token_url: authority_url(authority, &tenant).map_err(failed)?,
-                            client_id,
-                            proof: ClientProof::AssertionFile(token_file),
-                            scope: AZURE_DICOM_SCOPE.to_owned(),
-                        })
-                    }
-                };
-                cloud_dicomweb(&base, Profile::Azure, source, *page_size).map_err(failed)?
-            }
-            ConnectorConfig::Dicomweb {
-                url,
-                profile,
-                page_size,
-                max_results,
-                auth,
-            } => {
-                let base_url = meshgate_connectors::dicomweb::Url::parse(url)
-                    .map_err(|_| failed(ConnectorError::Config("url is not valid".into())))?;
-                let auth = match auth {
-                    AuthConfig::None => Auth::None,
-                    AuthConfig::Basic { username, .. } => Auth::Basic {
-                        username: username.clone(),
-                        password: secret()?,
-                    },
-                    AuthConfig::Bearer { .. } => Auth::Bearer { token: secret()? },
-                };
-                Arc::new(
-                    DicomWebConnector::new(DicomWebSettings {
-                        base_url,
-                        profile: *profile,
-                        auth,
-                        page_size: *page_size,
-                        detail_concurrency: 8,
-                        max_results: *max_results,
-                    })
-                    .map_err(failed)?,
-                )
-            }
-        };
-        partners.push(Partner {
-            id,
-            name: partner.name.clone(),
-            connector,
-            guard: Guard::new(partner.protection),
-            deadline: partner.deadline(),
-            control: partner.count_control(),
-            budget: partner.budget,
-            mapping: MappingOptions {
-                utc_offset: partner
-                    .utc_offset
-                    .as_ref()
-                    .and_then(|o| parse_utc_offset(o.get_ref())),
-            },
-        });
-    }
-    Ok(Federation::new(
-        partners,
-        AnswerCache::new(loaded.config.cache),
-    ))
-}
-
-/// A DICOMweb connector to a cloud service reached with OAuth2 tokens.
-fn cloud_dicomweb(
-    base: &str,
-    profile: Profile,
-    source: Box<dyn TokenSource>,
-    page_size: Option<u32>,
-) -> Result<Arc<dyn Connector>, ConnectorError> {
-    let base_url = meshgate_connectors::dicomweb::Url::parse(base)
-        .map_err(|_| ConnectorError::Config("the service URL is not valid".into()))?;
-    Ok(Arc::new(DicomWebConnector::new(DicomWebSettings {
-        base_url,
-        profile,
-        auth: Auth::Tokens(Arc::new(TokenProvider::new(source)?)),
-        page_size,
-        detail_concurrency: 8,
-        max_results: None,
-    })?))
-}
-
 /// The gateway's routes. A storage failure under the audit log stops the
 /// process (see [`crate::audit`]).
 pub fn build_app(gateway: Gateway) -> Router {
@@ -533,7 +155,7 @@ pub fn build_app(gateway: Gateway) -> Router {
     // ends; the task stops with the app.
     let (tally, audit) = (
         Arc::downgrade(&gateway.auth_failures),
-        Arc::downgrade(&gateway.services.audit),
+        Arc::downgrade(&gateway.audit()),
     );
     let flush_fatal = Arc::clone(&fatal);
     tokio::spawn(async move {
@@ -547,7 +169,8 @@ pub fn build_app(gateway: Gateway) -> Router {
         }
     });
     let state = AppState {
-        schema: schema(gateway.services.clone(), gateway.server.profile),
+        schema: schema(gateway.server.profile),
+        audit: gateway.audit(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             gateway.server.max_in_flight.max(1),
         )),
@@ -557,8 +180,7 @@ pub fn build_app(gateway: Gateway) -> Router {
         per_address: Arc::new(Admission::new(gateway.server.per_address)),
         per_principal: Arc::new(Admission::new(gateway.server.per_principal)),
         server: gateway.server,
-        services: gateway.services,
-        authenticator: gateway.authenticator,
+        registry: gateway.registry,
         fatal,
     };
     Router::new()
@@ -573,12 +195,12 @@ pub fn build_app(gateway: Gateway) -> Router {
 
 /// The router of a listener of its own for `/metrics` (`[metrics] listen`):
 /// nothing else, and no token.
-pub fn metrics_router(services: Services) -> Router {
+pub fn metrics_router(registry: Arc<Registry>) -> Router {
     Router::new().route(
         "/metrics",
         get(move || {
-            let services = services.clone();
-            async move { render_metrics(&services) }
+            let registry = Arc::clone(&registry);
+            async move { render_metrics(&registry) }
         }),
     )
 }
@@ -951,11 +573,13 @@ fn caller(request: &Request) -> (Option<SocketAddr>, Option<String>) {
 /// instead — before anything else happens.
 async fn authenticate(
     state: &AppState,
+    snapshot: &Snapshot,
     (client, authorization): (Option<SocketAddr>, Option<String>),
 ) -> Result<RequestContext, Response> {
     let request_id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
     let mut context = RequestContext::new(request_id, client);
-    match state
+    context.snapshot = Some(snapshot.hash().to_owned());
+    match snapshot
         .authenticator
         .authenticate(authorization.as_deref())
         .await
@@ -1021,11 +645,12 @@ struct Tickets {
 /// instead. No other work is done for a request before this.
 async fn admit(
     state: &AppState,
+    snapshot: &Snapshot,
     (client, authorization): (Option<SocketAddr>, Option<String>),
 ) -> Result<(RequestContext, Tickets), Response> {
     let address = client.map_or_else(|| "unknown".to_owned(), |c| c.ip().to_string());
     let address_ticket = state.per_address.admit(&address).map_err(rate_limited)?;
-    let mut context = authenticate(state, (client, authorization)).await?;
+    let mut context = authenticate(state, snapshot, (client, authorization)).await?;
     context.limits = state.server.limits;
     let principal_key = context
         .principal
@@ -1059,7 +684,10 @@ fn overloaded(request_id: &str) -> Response {
 }
 
 async fn handle_graphql(state: AppState, request: Request) -> Response {
-    let (context, _tickets) = match admit(&state, caller(&request)).await {
+    // The request runs entirely on the snapshot in force now, whatever
+    // reloads happen meanwhile.
+    let snapshot = state.registry.current();
+    let (context, _tickets) = match admit(&state, &snapshot, caller(&request)).await {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal,
     };
@@ -1103,7 +731,8 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     // Parsing, execution and the answer's JSON on the work runtime: this
     // one only admits, reads and writes.
     let work = state.work.clone();
-    let processing = process_graphql(state, context, body).instrument(tracing::Span::current());
+    let processing =
+        process_graphql(state, snapshot, context, body).instrument(tracing::Span::current());
     match work.spawn(processing).await {
         Ok(response) => response,
         Err(_) => {
@@ -1123,6 +752,7 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
 /// and audited.
 async fn process_graphql(
     state: AppState,
+    snapshot: Arc<Snapshot>,
     context: RequestContext,
     body: axum::body::Bytes,
 ) -> Response {
@@ -1163,13 +793,18 @@ async fn process_graphql(
         return refuse(&state, &context, StatusCode::BAD_REQUEST, code, &message).await;
     }
     // No partner is asked while the audit log cannot be written.
-    if state.services.audit.ready().await.is_err() {
+    if state.audit.ready().await.is_err() {
         return audit_unavailable(&request_id);
     }
     let operation = gql_request.operation_name.clone();
     let mut response = state
         .schema
-        .execute(gql_request.data(context.clone()))
+        .execute(
+            gql_request
+                .data(context.clone())
+                .data(snapshot.services.clone())
+                .data(ActiveSnapshot(snapshot.hash().to_owned())),
+        )
         .await;
 
     // Errors async-graphql raised itself (validation) have no code yet;
@@ -1238,7 +873,7 @@ async fn process_graphql(
 
 /// Commits one audit record.
 async fn commit(state: &AppState, record: &AuditRecord) -> Result<i64, AuditError> {
-    state.services.audit.append(record, &state.fatal).await
+    state.audit.append(record, &state.fatal).await
 }
 
 /// Refuses a request before GraphQL execution, audited like any other.
@@ -1320,9 +955,9 @@ async fn unauthenticated(
 /// The newest signed checkpoint of the audit chain, for anyone to copy: it
 /// holds no data, only a sequence number, a hash and a signature.
 async fn latest_checkpoint(State(state): State<AppState>) -> Response {
-    match state.services.audit.latest_checkpoint().await {
+    match state.audit.latest_checkpoint().await {
         Ok(Some(checkpoint)) => {
-            let key = state.services.audit.verifying_key();
+            let key = state.audit.verifying_key();
             let body = json!({
                 "checkpoint": checkpoint,
                 "public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key.as_bytes()),
@@ -1349,7 +984,8 @@ async fn export_audit_events(
     axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
     request: Request,
 ) -> Response {
-    let (context, tickets) = match admit(&state, caller(&request)).await {
+    let snapshot = state.registry.current();
+    let (context, tickets) = match admit(&state, &snapshot, caller(&request)).await {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal,
     };
@@ -1380,13 +1016,13 @@ async fn export_audit_events(
         to: param("to"),
     };
     let before = param("before").and_then(|v| v.parse().ok());
-    let mut selection = audit_selection(&state.services, &principal, filter, before);
+    let mut selection = audit_selection(&snapshot.services, &principal, filter, before);
     // As stored: `success` or `failure` (anything else matches nothing).
     selection.outcome = param("outcome").map(|o| o.to_lowercase());
     // The first batch before the answer starts: a store that cannot be
     // read is a 503, not a cut-off 200.
     let asked = limit.min(EXPORT_BATCH);
-    let first = match state.services.audit.store().select(&selection, asked).await {
+    let first = match state.audit.store().select(&selection, asked).await {
         Ok(rows) => rows,
         Err(_) => return audit_unavailable(&request_id),
     };
@@ -1398,7 +1034,7 @@ async fn export_audit_events(
     // backwards by sequence number): memory holds one batch whatever the
     // limit, and the permit and tickets are held until the last line.
     let export = Export {
-        audit: Arc::clone(&state.services.audit),
+        audit: Arc::clone(&state.audit),
         selection,
         rows: Some(first),
         asked,
@@ -1493,7 +1129,7 @@ async fn metrics(State(state): State<AppState>, request: Request) -> Response {
         )
             .into_response();
     }
-    render_metrics(&state.services)
+    render_metrics(&state.registry)
 }
 
 /// Compares in time that depends on the lengths only.
@@ -1506,7 +1142,9 @@ fn same_secret(offered: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-fn render_metrics(services: &Services) -> Response {
+fn render_metrics(registry: &Registry) -> Response {
+    let snapshot = registry.current();
+    let services = &snapshot.services;
     let circuits: Vec<(String, bool)> = services
         .federation
         .partners()
@@ -1515,7 +1153,11 @@ fn render_metrics(services: &Services) -> Response {
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        METRICS.render(&circuits, services.federation.cache().weighted_bytes()),
+        METRICS.render(
+            &circuits,
+            services.federation.cache().weighted_bytes(),
+            &services.federation.cache().entries_by_partner(),
+        ),
     )
         .into_response()
 }
@@ -1523,7 +1165,7 @@ fn render_metrics(services: &Services) -> Response {
 /// Ready to serve: the audit log can be written (without it every data
 /// request fails closed).
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.services.audit.ready().await {
+    match state.audit.ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit log unavailable").into_response(),
     }

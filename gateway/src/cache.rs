@@ -50,6 +50,10 @@ impl Default for CacheConfig {
 pub struct CacheKey {
     caller: Caller,
     partner: String,
+    /// Which build of the partner answered: a partner changed by a reload
+    /// starts with a new one, so answers from its old connector are never
+    /// reused.
+    generation: u64,
     /// For a search: the normalised query as canonical JSON, without the
     /// partner list (which only chooses whom to ask). For series: the
     /// study's UID.
@@ -63,7 +67,7 @@ impl CacheKey {
     /// The key of a search.
     pub fn new(
         caller: &Caller,
-        partner: &str,
+        (partner, generation): (&str, u64),
         query: &StudyQuery,
         project: &str,
         disclosure: &Disclosure,
@@ -75,6 +79,7 @@ impl CacheKey {
         CacheKey {
             caller: caller.clone(),
             partner: partner.to_owned(),
+            generation,
             asked: serde_json::to_string(&query).unwrap_or_default(),
             project: project.to_owned(),
             decision: disclosure.label(),
@@ -84,7 +89,7 @@ impl CacheKey {
     /// The key of a study's series.
     pub fn series(
         caller: &Caller,
-        partner: &str,
+        (partner, generation): (&str, u64),
         study_uid: &str,
         project: &str,
         disclosure: &Disclosure,
@@ -92,6 +97,7 @@ impl CacheKey {
         CacheKey {
             caller: caller.clone(),
             partner: partner.to_owned(),
+            generation,
             asked: study_uid.to_owned(),
             project: project.to_owned(),
             decision: disclosure.label(),
@@ -120,6 +126,7 @@ fn bounded<V: Clone + Send + Sync + 'static>(
                 u32::try_from(key_weight(key) + weigh(value)).unwrap_or(u32::MAX)
             })
             .time_to_live(Duration::from_secs(config.ttl_seconds))
+            .support_invalidation_closures()
             .build()
     })
 }
@@ -179,6 +186,39 @@ impl AnswerCache {
         if let Some(cache) = &self.series {
             cache.insert(key, Arc::new(series)).await;
         }
+    }
+
+    /// Drops the answers of build `generation` of `partner` (changed or
+    /// removed by a reload). Answers an old request stores afterwards carry
+    /// that generation too, so they are never used and expire.
+    pub fn forget_partner(&self, partner: &str, generation: u64) {
+        let gone = {
+            let partner = partner.to_owned();
+            move |key: &CacheKey| key.partner == partner && key.generation == generation
+        };
+        if let Some(cache) = &self.searches {
+            let gone = gone.clone();
+            let _ = cache.invalidate_entries_if(move |key, _| gone(key));
+        }
+        if let Some(cache) = &self.series {
+            let _ = cache.invalidate_entries_if(move |key, _| gone(key));
+        }
+    }
+
+    /// The entries held per partner (searches and series), counted now.
+    pub fn entries_by_partner(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        if let Some(cache) = &self.searches {
+            for (key, _) in cache.iter() {
+                *counts.entry(key.partner.clone()).or_default() += 1;
+            }
+        }
+        if let Some(cache) = &self.series {
+            for (key, _) in cache.iter() {
+                *counts.entry(key.partner.clone()).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// What the cached answers hold now, in (estimated) bytes.
@@ -278,7 +318,7 @@ mod tests {
      {
         let query = StudyQuery::default();
         let key = |query: &StudyQuery, project, disclosure: &Disclosure| {
-            CacheKey::new(&caller("alice"), "north", query, project, disclosure)
+            CacheKey::new(&caller("alice"), ("north", 0), query, project, disclosure)
         };
         let deid = Disclosure::Deidentified(Profile::basic());
         let base = key(&query, "demo", &deid);
@@ -295,11 +335,11 @@ mod tests {
         assert_ne!(base, key(&query, "lung-cancer", &deid));
         assert_ne!(
             base,
-            CacheKey::new(&caller("alice"), "south", &query, "demo", &deid)
+            CacheKey::new(&caller("alice"), ("south", 0), &query, "demo", &deid)
         );
         assert_ne!(
             base,
-            CacheKey::new(&caller("bob"), "north", &query, "demo", &deid)
+            CacheKey::new(&caller("bob"), ("north", 0), &query, "demo", &deid)
         );
         let described = StudyQuery {
             description: Some("chest".into()),
@@ -319,7 +359,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let key = CacheKey::new(
             &caller("alice"),
-            "north",
+            ("north", 0),
             &StudyQuery::default(),
             "demo",
             &Disclosure::Identified,
@@ -366,7 +406,7 @@ mod tests {
             };
             let key = CacheKey::new(
                 &caller("alice"),
-                "north",
+                ("north", 0),
                 &query,
                 "demo",
                 &Disclosure::Identified,

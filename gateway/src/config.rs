@@ -60,6 +60,9 @@ pub struct Config {
     /// Who may read `/metrics`.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// How a running gateway takes a changed configuration.
+    #[serde(default)]
+    pub reload: ReloadSection,
     /// The consortium's registered research projects.
     #[serde(default)]
     pub projects: Vec<ProjectConfig>,
@@ -192,6 +195,28 @@ pub struct MetricsSection {
     /// `/metrics` on the API listener, for `Authorization: Bearer` with
     /// this token (`${env:NAME}` or `${file:PATH}`).
     pub token: Option<SecretRef>,
+}
+
+/// `[reload]`: how a running gateway takes a changed configuration. It
+/// always reloads on `SIGHUP`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSection {
+    /// Reload when the configuration file or a policy file (or folder)
+    /// changes on disk, checked every second.
+    pub watch: bool,
+    /// A Unix socket (mode 0600) where `meshgate reload` asks the running
+    /// gateway to reload and hears the outcome; relative to this file.
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Default for ReloadSection {
+    fn default() -> Self {
+        ReloadSection {
+            watch: true,
+            control_socket: None,
+        }
+    }
 }
 
 /// `[server]`: limits on connections and requests.
@@ -619,6 +644,8 @@ impl fmt::Display for ConfigError {
 /// policies loaded.
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
+    /// The file it was read from (what a reload reads again).
+    pub file: PathBuf,
     pub config: Config,
     pub secrets: ResolvedSecrets,
     pub pseudonym_key: MasterKey,
@@ -628,6 +655,127 @@ pub struct LoadedConfig {
     pub audit: AuditSettings,
     /// The policies, loaded and validated once.
     pub authorizer: Arc<Authorizer>,
+    /// What it is made of, hashed.
+    pub fingerprints: Fingerprints,
+}
+
+/// A configuration's parts, hashed: which rules were in force, and which
+/// parts a reload changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// SHA-256 (hex) of the configuration text and of every policy file's
+    /// text, in order. Neither holds a secret value (credentials are only
+    /// references), so the hash can be shown and audited.
+    pub snapshot: String,
+    /// Per partner id: its table without the policy facts (policies,
+    /// institution, data use), plus a digest of its resolved credential, so
+    /// that a rotated credential counts as a change of the partner.
+    pub partners: std::collections::HashMap<String, String>,
+    /// `[auth]`: the trusted issuers.
+    pub auth: String,
+    /// Every other top-level key but `partners`, `projects` and
+    /// `policies`: the parts read at start-up only.
+    pub sections: std::collections::BTreeMap<String, String>,
+    /// The files and folders a change on disk to which is a reason to
+    /// reload: the configuration file and the configured policy paths.
+    pub watched: Vec<PathBuf>,
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        // Length-prefixed, so that no two sequences of parts hash alike.
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+impl Fingerprints {
+    fn of(
+        file: &Path,
+        text: &str,
+        config: &Config,
+        secrets: &[Option<Secret>],
+        policies: &PolicyConfig,
+    ) -> Fingerprints {
+        let files = policies
+            .consortium
+            .iter()
+            .map(|file| ("consortium", file))
+            .chain(
+                policies
+                    .partners
+                    .iter()
+                    .flat_map(|(facts, files)| files.iter().map(|file| (facts.id.as_str(), file))),
+            );
+        let mut parts: Vec<&[u8]> = vec![text.as_bytes()];
+        let names: Vec<(String, &PolicyFile)> = files
+            .map(|(owner, file)| {
+                let name = file
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (format!("{owner}/{name}"), file)
+            })
+            .collect();
+        for (name, file) in &names {
+            parts.push(name.as_bytes());
+            parts.push(file.text.as_bytes());
+        }
+        let raw: toml::Table = toml::from_str(text).unwrap_or_default();
+        let rendered = |value: &toml::Value| toml::to_string(value).unwrap_or_default();
+        let mut partners = std::collections::HashMap::new();
+        if let Some(tables) = raw.get("partners").and_then(toml::Value::as_array) {
+            for ((table, partner), secret) in tables.iter().zip(&config.partners).zip(secrets) {
+                let mut table = table.clone();
+                if let Some(table) = table.as_table_mut() {
+                    for facts in ["policies", "institution", "data_use"] {
+                        table.remove(facts);
+                    }
+                }
+                let credential = secret
+                    .as_ref()
+                    .map(|s| s.expose().as_bytes())
+                    .unwrap_or_default();
+                partners.insert(
+                    partner.id.get_ref().clone(),
+                    sha256_hex(&[rendered(&table).as_bytes(), credential]),
+                );
+            }
+        }
+        let sections = raw
+            .iter()
+            .filter(|(key, _)| {
+                !matches!(key.as_str(), "partners" | "projects" | "policies" | "auth")
+            })
+            .map(|(key, value)| (key.clone(), rendered(value)))
+            .collect();
+        let base = file.parent().unwrap_or(Path::new("."));
+        let watched = std::iter::once(file.to_owned())
+            .chain(
+                config
+                    .policies
+                    .consortium
+                    .iter()
+                    .chain(config.partners.iter().flat_map(|p| p.policies.iter()))
+                    .map(|path| base.join(path)),
+            )
+            .collect();
+        Fingerprints {
+            snapshot: sha256_hex(&parts),
+            watched,
+            partners,
+            auth: raw.get("auth").map(rendered).unwrap_or_default(),
+            sections,
+        }
+    }
 }
 
 /// Credentials resolved at load time, per partner index.
@@ -691,6 +839,9 @@ impl Config {
                 } => *path = base.join(&*path),
                 _ => {}
             }
+        }
+        if let Some(socket) = &mut config.reload.control_socket {
+            *socket = base.join(&*socket);
         }
         if config.partners.is_empty() {
             return Err(located(
@@ -865,7 +1016,9 @@ impl Config {
         let audit = audit_settings(&config.audit, base, text, env, &located)?;
         let policies = policy_config(&config, base, &located)?;
         let authorizer = Authorizer::new(&policies).map_err(policy_error)?;
+        let fingerprints = Fingerprints::of(file, text, &config, &secrets, &policies);
         Ok(LoadedConfig {
+            file: file.to_owned(),
             config,
             secrets: ResolvedSecrets(secrets),
             pseudonym_key,
@@ -873,6 +1026,7 @@ impl Config {
             issuers,
             audit,
             authorizer: Arc::new(authorizer),
+            fingerprints,
         })
     }
 }

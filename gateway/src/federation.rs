@@ -38,6 +38,9 @@ use crate::protection::{Guard, Refusal};
 #[derive(Debug)]
 pub struct Partner {
     pub id: String,
+    /// This build of the partner, unique in the process (see
+    /// [`Partner::next_generation`]).
+    pub generation: u64,
     pub name: String,
     pub connector: Arc<dyn Connector>,
     /// Concurrency limit and circuit breaker.
@@ -48,6 +51,32 @@ pub struct Partner {
     pub control: CountControl,
     /// Distinct questions per caller and project where it de-identifies or counts.
     pub budget: BudgetConfig,
+}
+
+/// Connects to `partners` at once and probes what each supports (see
+/// [`Connector::check`]), each within `timeout`. The measured capabilities
+/// are kept by the connectors and drive push-down.
+pub async fn check_partners(partners: &[Arc<Partner>], timeout: Duration) -> Vec<PartnerCheck> {
+    join_all(partners.iter().map(|partner| async move {
+        let outcome = match tokio::time::timeout(timeout, partner.connector.check()).await {
+            Ok(Ok(latency)) => Ok(latency),
+            Ok(Err(error)) => Err(CheckFailure::Failed(error)),
+            Err(_) => Err(CheckFailure::TimedOut),
+        };
+        PartnerCheck {
+            partner: Arc::clone(partner),
+            outcome,
+        }
+    }))
+    .await
+}
+
+impl Partner {
+    /// A number no other build of a partner in this process has.
+    pub fn next_generation() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// How one partner answered a connection check.
@@ -268,11 +297,18 @@ pub struct Federation {
 }
 
 impl Federation {
-    pub fn new(partners: Vec<Partner>, cache: AnswerCache) -> Federation {
+    /// The federation of `partners`, with the answer cache and the query
+    /// budgets it shares with the snapshots before and after it (a reload
+    /// neither empties the cache of unchanged partners nor resets budgets).
+    pub fn new(
+        partners: Vec<Arc<Partner>>,
+        cache: AnswerCache,
+        budgets: QueryBudgets,
+    ) -> Federation {
         Federation {
-            partners: partners.into_iter().map(Arc::new).collect(),
+            partners,
             cache,
-            budgets: QueryBudgets::default(),
+            budgets,
         }
     }
 
@@ -290,22 +326,14 @@ impl Federation {
         &self.partners
     }
 
-    /// Connects to every partner at once and probes what it supports (see
-    /// [`Connector::check`]), each within `timeout`. The measured
-    /// capabilities are kept by the connectors and drive push-down.
+    /// The partner `id`, if it is one.
+    pub fn partner(&self, id: &str) -> Option<&Arc<Partner>> {
+        self.partners.iter().find(|p| p.id == id)
+    }
+
+    /// Connects to every partner at once and probes what it supports.
     pub async fn check(&self, timeout: Duration) -> Vec<PartnerCheck> {
-        join_all(self.partners.iter().map(|partner| async move {
-            let outcome = match tokio::time::timeout(timeout, partner.connector.check()).await {
-                Ok(Ok(latency)) => Ok(latency),
-                Ok(Err(error)) => Err(CheckFailure::Failed(error)),
-                Err(_) => Err(CheckFailure::TimedOut),
-            };
-            PartnerCheck {
-                partner: Arc::clone(partner),
-                outcome,
-            }
-        }))
-        .await
+        check_partners(&self.partners, timeout).await
     }
 
     /// The partners a query asks: those it names, or all.
@@ -368,7 +396,7 @@ impl Federation {
                     let asked = widened.as_ref().unwrap_or(query);
                     let key = CacheKey::new(
                         &grants.caller,
-                        &partner.id,
+                        (&partner.id, partner.generation),
                         asked,
                         &grants.project,
                         &grant.disclosure,
@@ -488,7 +516,7 @@ impl Federation {
                 let key = |study: &Study| {
                     CacheKey::series(
                         &grants.caller,
-                        &search.partner.id,
+                        (&search.partner.id, search.partner.generation),
                         &study.uid,
                         &grants.project,
                         &search.grant.disclosure,

@@ -13,6 +13,7 @@ use meshgate_schema::api::{
     PatientSummary, StudyFilter,
 };
 use meshgate_schema::fhir::{imaging_study, started_text};
+use meshgate_schema::principal::ActiveSnapshot;
 use meshgate_schema::{Principal, QueryError, StudyQuery};
 
 use crate::audit::view::{AuditEvent, AuditEventConnection, AuditFilter, AuditOutcome};
@@ -42,11 +43,12 @@ pub struct Services {
     pub studies_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// Builds the schema over a federation of partners and its policies. In
-/// production the API does not describe itself: no introspection, and no
-/// "did you mean" suggestions in validation errors.
-pub fn schema(services: Services, profile: ServerProfile) -> MeshgateSchema {
-    let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription).data(services);
+/// Builds the schema. Each request is executed with the [`Services`] of the
+/// snapshot it runs on (and its [`RequestContext`]). In production the API
+/// does not describe itself: no introspection, and no "did you mean"
+/// suggestions in validation errors.
+pub fn schema(profile: ServerProfile) -> MeshgateSchema {
+    let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription);
     match profile {
         ServerProfile::Production => builder.disable_introspection().disable_suggestions(),
         ServerProfile::Development => builder,
@@ -193,6 +195,10 @@ impl QueryRoot {
     async fn partners(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Partner>> {
         principal(ctx).map_err(|e| e.extend())?;
         let federation = &services(ctx).map_err(|e| e.extend())?.federation;
+        let snapshot = ctx
+            .data_opt::<ActiveSnapshot>()
+            .map(|s| s.0.clone())
+            .unwrap_or_default();
         Ok(federation
             .partners()
             .iter()
@@ -201,6 +207,7 @@ impl QueryRoot {
                 name: p.name.clone(),
                 connector_kind: p.connector.kind(),
                 capabilities: p.connector.capabilities(),
+                snapshot: snapshot.clone(),
             })
             .collect())
     }

@@ -2,6 +2,9 @@
 //! imaging stores.
 //!
 //! A query's path through this crate, and where to start reading:
+//! 0. [`registry`]: the [`registry::Snapshot`] in force — partners (built by
+//!    [`assemble`]), policies and issuers — which the request keeps to the
+//!    end, whatever reloads happen meanwhile;
 //! 1. [`app`]: `POST /graphql` — the bearer token is verified by [`auth`]
 //!    (no valid token: 401 and nothing else), the request is parsed and
 //!    executed, and the audit record is written before the response leaves
@@ -22,6 +25,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod assemble;
 pub mod audit;
 pub mod auth;
 pub mod budget;
@@ -36,9 +40,10 @@ pub mod graphql;
 pub mod limits;
 pub mod metrics;
 pub mod protection;
+pub mod registry;
 pub mod request;
 pub mod synth;
 pub mod telemetry;
 
-pub use app::{Gateway, build_app, federation, run, start};
+pub use app::{Gateway, build_app, run, start};
 pub use config::{Config, ConfigError, LoadedConfig, ProcessEnvironment};

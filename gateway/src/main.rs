@@ -12,7 +12,7 @@ use meshgate_gateway::config::{Config, ProcessEnvironment};
 use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::synth::{SynthSpec, synthesise};
 use meshgate_gateway::telemetry::{self, TelemetrySection};
-use meshgate_gateway::{LoadedConfig, audit, build_app, demo, graphql, run, start};
+use meshgate_gateway::{LoadedConfig, audit, build_app, demo, graphql, registry, run, start};
 use tokio::net::TcpListener;
 
 /// The request path allocates many small strings, maps and vectors from
@@ -33,6 +33,15 @@ struct Cli {
 enum Command {
     /// Run the gateway with a configuration file.
     Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Ask a running gateway to reload its configuration and policies
+    /// through its `[reload] control_socket`, after checking `--config`
+    /// as `config check` does. Exit code 0 when the new configuration is in
+    /// force, 1 when the gateway refused it (the running one stays), 2 when
+    /// it is invalid here or the gateway cannot be reached.
+    Reload {
         #[arg(long)]
         config: PathBuf,
     },
@@ -272,6 +281,7 @@ fn main() -> ExitCode {
             listen,
             studies,
         } => block_on(run_demo(data, listen, studies)),
+        Command::Reload { config } => run_to_exit(reload(config)),
     }
 }
 
@@ -364,14 +374,17 @@ async fn partners_check(config: PathBuf, timeout: Duration) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let federation = match meshgate_gateway::federation(&loaded).await {
-        Ok(federation) => federation,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+    let mut partners = Vec::new();
+    for index in 0..loaded.config.partners.len() {
+        match meshgate_gateway::assemble::build_partner(&loaded, index).await {
+            Ok(partner) => partners.push(Arc::new(partner)),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         }
-    };
-    let checks = federation.check(timeout).await;
+    }
+    let checks = meshgate_gateway::federation::check_partners(&partners, timeout).await;
     print!("{}", meshgate_gateway::checks::table(&checks));
     if checks.iter().all(|check| check.outcome.is_ok()) {
         ExitCode::SUCCESS
@@ -497,7 +510,18 @@ async fn run_demo(data: PathBuf, listen: SocketAddr, studies: usize) -> anyhow::
 
 async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Result<()> {
     let gateway = start(&loaded).await?;
-    gateway.authenticator.warm_up().await;
+    gateway.registry.current().authenticator.warm_up().await;
+    // Reloads: on SIGHUP, when the files change (`[reload] watch`), and
+    // when `meshgate reload` asks on the control socket.
+    registry::reload_on_hangup(&gateway.registry).context("cannot handle SIGHUP")?;
+    if loaded.config.reload.watch {
+        registry::watch(&gateway.registry);
+    }
+    if let Some(socket) = &loaded.config.reload.control_socket {
+        registry::serve_control_socket(Arc::clone(&gateway.registry), socket)
+            .await
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    }
     let listener = meshgate_gateway::app::listen(loaded.config.listen)
         .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
     let address = listener.local_addr()?;
@@ -516,15 +540,12 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
         let metrics = TcpListener::bind(metrics_address)
             .await
             .with_context(|| format!("cannot listen on {metrics_address} for /metrics"))?;
-        let router = meshgate_gateway::app::metrics_router(gateway.services.clone());
+        let router = meshgate_gateway::app::metrics_router(Arc::clone(&gateway.registry));
         println!("metrics on http://{}/metrics", metrics.local_addr()?);
         tokio::spawn(async move { axum::serve(metrics, router).await });
     }
     let server = gateway.server;
-    let (tally, audit) = (
-        Arc::clone(&gateway.auth_failures),
-        Arc::clone(&gateway.services.audit),
-    );
+    let (tally, audit) = (Arc::clone(&gateway.auth_failures), gateway.audit());
     run(listener, build_app(gateway), &server, shutdown_signal()).await?;
     // Failed authentications counted and not yet recorded go in the log
     // before the process ends.
@@ -536,6 +557,60 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
     )
     .await;
     Ok(())
+}
+
+async fn reload(config: PathBuf) -> ExitCode {
+    let loaded = match Config::load(&config, &ProcessEnvironment) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(socket) = loaded.config.reload.control_socket else {
+        eprintln!(
+            "error: {} sets no [reload] control_socket; set one (and restart), or send SIGHUP to the gateway",
+            config.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match registry::request_reload(&socket).await {
+        Ok((200, answer)) => {
+            let reloaded = &answer["reloaded"];
+            println!(
+                "reloaded: snapshot {}",
+                reloaded["snapshot"].as_str().unwrap_or("?")
+            );
+            for what in ["added", "changed", "removed", "kept"] {
+                let ids: Vec<&str> = reloaded[what]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| id.as_str())
+                    .collect();
+                if !ids.is_empty() {
+                    println!("  {what}: {}", ids.join(", "));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((_, answer)) => {
+            eprintln!(
+                "refused ({}): {}",
+                answer["code"].as_str().unwrap_or("?"),
+                answer["message"].as_str().unwrap_or("?")
+            );
+            eprintln!("the running configuration stays in force");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!(
+                "error: cannot reach the gateway at {}: {error}",
+                socket.display()
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 async fn shutdown_signal() {

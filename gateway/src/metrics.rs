@@ -75,6 +75,9 @@ pub struct Metrics {
     audit_failures: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    reloads_applied: AtomicU64,
+    reloads_refused: AtomicU64,
+    partners: AtomicU64,
 }
 
 /// The process's metrics.
@@ -140,14 +143,34 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A configuration reload: put in force, or refused.
+    pub fn reload(&self, applied: bool) {
+        let counter = if applied {
+            &self.reloads_applied
+        } else {
+            &self.reloads_refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `partners` partners came into force.
+    pub fn snapshot_in_force(&self, partners: usize) {
+        self.partners.store(partners as u64, Ordering::Relaxed);
+    }
+
     pub fn audit_failure(&self) {
         self.audit_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The text exposition; `circuits` is each partner's breaker state
-    /// (true: open) and `cache_bytes` what the cache holds, at the time of
-    /// the scrape.
-    pub fn render(&self, circuits: &[(String, bool)], cache_bytes: u64) -> String {
+    /// (true: open), `cache_bytes` what the cache holds and `cache_entries`
+    /// its entries per partner, at the time of the scrape.
+    pub fn render(
+        &self,
+        circuits: &[(String, bool)],
+        cache_bytes: u64,
+        cache_entries: &BTreeMap<String, u64>,
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP meshgate_http_requests_total GraphQL requests by HTTP status.\n# TYPE meshgate_http_requests_total counter\n");
         for (status, count) in self
@@ -240,6 +263,24 @@ impl Metrics {
             out,
             "# HELP meshgate_cache_bytes What the cache holds, in estimated bytes.\n# TYPE meshgate_cache_bytes gauge\nmeshgate_cache_bytes {cache_bytes}"
         );
+        out.push_str("# HELP meshgate_cache_entries Cached partner answers (searches and series), by partner.\n# TYPE meshgate_cache_entries gauge\n");
+        for (partner, entries) in cache_entries {
+            let _ = writeln!(
+                out,
+                "meshgate_cache_entries{{partner=\"{partner}\"}} {entries}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_config_reloads_total Configuration reloads, put in force or refused (the running configuration kept).\n# TYPE meshgate_config_reloads_total counter\nmeshgate_config_reloads_total{{result=\"applied\"}} {}\nmeshgate_config_reloads_total{{result=\"refused\"}} {}",
+            self.reloads_applied.load(Ordering::Relaxed),
+            self.reloads_refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshgate_partners Partners in the configuration in force.\n# TYPE meshgate_partners gauge\nmeshgate_partners {}",
+            self.partners.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -260,8 +301,23 @@ mod tests {
         metrics.cache(true);
         metrics.cache(true);
         metrics.cache(false);
-        let text = metrics.render(&[("north".into(), false), ("south".into(), true)], 4096);
+        metrics.reload(true);
+        metrics.reload(false);
+        metrics.reload(false);
+        let text = metrics.render(
+            &[("north".into(), false), ("south".into(), true)],
+            4096,
+            &[("north".to_owned(), 7)].into(),
+        );
         assert!(text.contains("meshgate_cache_hit_ratio 0.75"), "{text}");
+        assert!(
+            text.contains("meshgate_cache_entries{partner=\"north\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meshgate_config_reloads_total{result=\"refused\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("meshgate_cache_lookups_total{result=\"miss\"} 1"),
             "{text}"

@@ -22,6 +22,9 @@ pub struct RequestContext {
     pub client: Option<SocketAddr>,
     /// `None` only for requests refused before authentication succeeded.
     pub principal: Option<Principal>,
+    /// The content hash of the configuration and policies the request
+    /// runs on (see [`crate::registry`]).
+    pub snapshot: Option<String>,
     /// What the resolvers did, for the audit record.
     pub trail: Arc<Mutex<Vec<AuditedAccess>>>,
     /// What the request may still ask of the partners.
@@ -54,6 +57,7 @@ impl RequestContext {
             request_id,
             client,
             principal: None,
+            snapshot: None,
             trail: Arc::default(),
             limits: QueryLimits::default(),
             spent: Arc::default(),
@@ -155,6 +159,7 @@ impl RequestContext {
             },
             error_codes,
             accesses,
+            snapshot: self.snapshot.clone(),
         }
     }
 }
@@ -222,6 +227,10 @@ pub struct AuditRecord {
     /// …and how many errors there were.
     pub error_count: usize,
     pub accesses: Vec<AuditedAccess>,
+    /// The content hash of the configuration and policies that decided
+    /// the request (absent in records written before snapshots were named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// Characters of a client's operation name kept in an audit record.

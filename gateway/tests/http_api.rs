@@ -133,7 +133,7 @@ connector = {{ kind = "dicomweb", url = "{partner}" }}
     );
     let gateway = start(&loaded).await.unwrap();
     App {
-        audit: Arc::clone(&gateway.services.audit),
+        audit: gateway.audit(),
         auth_failures: Arc::clone(&gateway.auth_failures),
         server: gateway.server,
         partner_hits,

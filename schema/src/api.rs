@@ -261,4 +261,7 @@ pub struct Partner {
     pub name: String,
     pub connector_kind: ConnectorKind,
     pub capabilities: Capabilities,
+    /// The content hash of the configuration and policies in force that
+    /// this partner belongs to (the same for every partner of one answer).
+    pub snapshot: String,
 }

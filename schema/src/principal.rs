@@ -1,6 +1,6 @@
 //! Who is asking: the verified caller as every part of meshgate sees it.
 
-use async_graphql::{Enum, SimpleObject};
+use async_graphql::{ComplexObject, Context, Enum, SimpleObject};
 use serde::{Deserialize, Serialize};
 
 /// What a caller does in the consortium.
@@ -45,6 +45,7 @@ pub struct Caller {
 
 /// A caller whose bearer token was verified, as the gateway sees them.
 #[derive(SimpleObject, Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[graphql(complex)]
 pub struct Principal {
     /// The token's issuer.
     pub issuer: String,
@@ -58,6 +59,21 @@ pub struct Principal {
     pub projects: Vec<String>,
     /// Data-use permissions granted to the caller, sorted.
     pub permissions: Vec<String>,
+}
+
+/// The content hash of the configuration and policies a request runs on,
+/// given to the GraphQL executor with each request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSnapshot(pub String);
+
+#[ComplexObject]
+impl Principal {
+    /// The content hash of the configuration and policies (without secret
+    /// values) that decide this request: the same hash its audit record
+    /// names.
+    async fn snapshot(&self, ctx: &Context<'_>) -> Option<String> {
+        ctx.data_opt::<ActiveSnapshot>().map(|s| s.0.clone())
+    }
 }
 
 impl Principal {

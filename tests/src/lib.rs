@@ -450,6 +450,8 @@ pub struct Gateway {
     client: reqwest::Client,
     /// The configuration it runs with (its audit log is `audit.db` beside it).
     pub config_file: PathBuf,
+    /// Its partners, policies and issuers in force; reloads them.
+    pub registry: std::sync::Arc<meshgate_gateway::registry::Registry>,
     _dir: tempfile::TempDir,
     _stop: oneshot::Sender<()>,
 }
@@ -555,7 +557,7 @@ impl Gateway {
              trusted_for = {{ institutions = [\"{PARTNER_ISSUER_INSTITUTION}\"], roles = [\"researcher\"], projects = [\"*\"] }}\n\n\
              [policies]\nconsortium = [{consortium}]\n\n[deidentification]\nkey = {key}\n\n\
              [audit]\nstore = \"sqlite:audit.db\"\ncheckpoint_key = {checkpoint_key}\ncheckpoint_every_records = 10\ncheckpoint_file = \"checkpoints.jsonl\"\n\n\
-             [server]\nper_principal = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\n\n\
+             [server]\nper_principal = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\nper_address = {{ concurrent = 64, per_second = 10000.0, burst = 10000 }}\n\n\
              [metrics]\ntoken = \"${{file:metrics.token}}\"\n\n{projects}\n{partners}",
             issuer = toml_string(issuer.issuer()),
             jwks = toml_string(&issuer.jwks_url()),
@@ -571,6 +573,7 @@ impl Gateway {
         let loaded = Config::from_toml(&text, &config_file, &ProcessEnvironment)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let gateway = start(&loaded).await.unwrap();
+        let registry = std::sync::Arc::clone(&gateway.registry);
         let server = gateway.server;
         let app = build_app(gateway);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -598,6 +601,7 @@ impl Gateway {
             token,
             client: reqwest::Client::new(),
             config_file,
+            registry,
             _dir: dir,
             _stop: stop,
         }
@@ -637,6 +641,19 @@ impl Gateway {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.bytes().await.unwrap().to_vec())
+    }
+
+    /// `/metrics` as the scraper reads it.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url.replace("/graphql", "/metrics"))
+            .bearer_auth(METRICS_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Sends a GraphQL query that must succeed without errors; returns `data`.

@@ -627,15 +627,7 @@ async fn no_caller_is_answered_from_or_told_of_another_callers_cached_answer() {
     assert_eq!(asked, (false, false), "her own repeat is cached");
     assert_eq!(count["cached"], true);
 
-    let metrics = reqwest::Client::new()
-        .get(c.gateway.url.replace("/graphql", "/metrics"))
-        .bearer_auth(meshgate_tests::METRICS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.gateway.metrics().await;
     assert!(
         metrics.contains("meshgate_cache_lookups_total{result=\"hit\"} "),
         "{metrics}"

@@ -87,7 +87,7 @@ pub fn audit_event(entry: &StoredEntry) -> Value {
         client["network"] = json!({"address": address, "type": "2"});
     }
     agents.push(client);
-    agents.push(json!({
+    let mut gateway = json!({
         "type": {"coding": [{
             "system": "http://dicom.nema.org/resources/ontology/DCM",
             "code": "110152",
@@ -95,7 +95,12 @@ pub fn audit_event(entry: &StoredEntry) -> Value {
         }]},
         "who": {"display": "meshgate"},
         "requestor": false,
-    }));
+    });
+    // The configuration and policies that decided the request.
+    if let Some(snapshot) = record["snapshot"].as_str() {
+        gateway["policy"] = json!([format!("urn:meshgate:snapshot:sha256:{snapshot}")]);
+    }
+    agents.push(gateway);
 
     let mut entities: Vec<Value> = accesses
         .iter()

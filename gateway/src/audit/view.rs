@@ -46,6 +46,9 @@ pub struct AuditEvent {
     pub outcome: AuditOutcome,
     pub error_codes: Vec<String>,
     pub accesses: Vec<AuditAccess>,
+    /// The content hash of the configuration and policies that decided
+    /// the request (absent in records from before snapshots were named).
+    pub snapshot: Option<String>,
 }
 
 /// One data access within an operation.
@@ -113,6 +116,7 @@ impl From<&StoredEntry> for AuditEvent {
                 AuditOutcome::Failure
             },
             error_codes: texts(&record["error_codes"]),
+            snapshot: text(&record["snapshot"]),
             accesses: record["accesses"]
                 .as_array()
                 .into_iter()
