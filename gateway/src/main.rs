@@ -509,11 +509,12 @@ async fn run_demo(data: PathBuf, listen: SocketAddr, studies: usize) -> anyhow::
 }
 
 async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Result<()> {
+    let hangups = registry::hangups().context("cannot handle SIGHUP")?;
     let gateway = start(&loaded).await?;
     gateway.registry.current().authenticator.warm_up().await;
     // Reloads: on SIGHUP, when the files change (`[reload] watch`), and
     // when `meshgate reload` asks on the control socket.
-    registry::reload_on_hangup(&gateway.registry).context("cannot handle SIGHUP")?;
+    registry::reload_on_hangup(hangups, &gateway.registry);
     if loaded.config.reload.watch {
         registry::watch(&gateway.registry);
     }

@@ -355,10 +355,17 @@ pub fn watch(registry: &Arc<Registry>) {
     });
 }
 
-/// Reloads `registry` on every `SIGHUP`; ends with the registry.
+/// `SIGHUP`s from now on (no longer the end of the process), for
+/// [`reload_on_hangup`]: taken before start-up, so that one sent while the
+/// gateway starts is not fatal.
 #[cfg(unix)]
-pub fn reload_on_hangup(registry: &Arc<Registry>) -> std::io::Result<()> {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Reloads `registry` on every `SIGHUP` of `hangups`; ends with the registry.
+#[cfg(unix)]
+pub fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, registry: &Arc<Registry>) {
     let registry = Arc::downgrade(registry);
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
@@ -369,7 +376,6 @@ pub fn reload_on_hangup(registry: &Arc<Registry>) -> std::io::Result<()> {
             let _ = registry.reload().await;
         }
     });
-    Ok(())
 }
 
 /// A reload's outcome as the control socket answers it: `200` with what

@@ -70,8 +70,10 @@ impl Telemetry {
 
 /// Installs the process's log and trace subscriber.
 pub fn init(section: &TelemetrySection) -> anyhow::Result<Telemetry> {
+    // Colours only for a person at a terminal, not in a file or a pipe.
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     let provider = match &section.otlp_traces_endpoint {
         Some(endpoint) => {

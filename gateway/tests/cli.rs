@@ -392,3 +392,111 @@ fn partners_check_prints_a_row_per_partner_and_exits_1_when_one_fails() {
         "{table}"
     );
 }
+
+/// Waits (at most 20 s) for a line of `lines` containing `text`.
+fn wait_for(lines: &std::sync::mpsc::Receiver<String>, text: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(_) => panic!("no line containing {text:?}"),
+        }
+    }
+}
+
+#[test]
+fn serve_reloads_on_sighup_and_when_meshgate_reload_asks_and_keeps_serving_a_refused_change() {
+    use std::io::BufRead as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = valid_config(dir.path());
+    let archive = dir.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n{}\n[reload]\nwatch = false\ncontrol_socket = \"meshgate.sock\"\n",
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("\"/data\"", &format!("{:?}", archive.display().to_string()))
+    );
+    std::fs::write(&file, &text).unwrap();
+    let mut serve = KillOnDrop(
+        meshgate()
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (send, lines) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(serve.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    wait_for(&lines, "policies loaded");
+    let reload = || {
+        let output = meshgate()
+            .args(["reload", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    // A second partner joins; SIGHUP puts it in force.
+    let south = format!(
+        "\n[[partners]]\nid = \"south\"\nname = \"South\"\ninstitution = \"south\"\ndata_use = {{ permission = \"DUO:0000042\" }}\nconnector = {{ kind = \"files\", path = {:?} }}\n",
+        archive.display().to_string()
+    );
+    std::fs::write(&file, format!("{text}{south}")).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&serve.0),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let line = wait_for(&lines, "configuration reloaded");
+    assert!(line.contains("added=1"), "{line}");
+
+    // `meshgate reload`: nothing changed since, so both partners are kept.
+    let (code, stdout, stderr) = reload();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kept: north, south"), "{stdout}");
+
+    // A change the gateway refuses: exit 1, and the running one stays.
+    std::fs::write(
+        &file,
+        format!("{text}{south}").replace("[reload]", "[cache]\nttl_seconds = 5\n\n[reload]"),
+    )
+    .unwrap();
+    let (code, _, stderr) = reload();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("RESTART_REQUIRED"), "{stderr}");
+    assert!(stderr.contains("[cache]"), "{stderr}");
+
+    // An invalid file is refused before the gateway is asked: exit 2.
+    std::fs::write(
+        &file,
+        format!("{text}{south}").replace("[[partners]]", "[[partners]"),
+    )
+    .unwrap();
+    let (code, _, stderr) = reload();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{}:", file.display())), "{stderr}");
+
+    // And the gateway still serves.
+    std::fs::write(&file, format!("{text}{south}")).unwrap();
+    let (code, stdout, stderr) = reload();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("kept: north, south"), "{stdout}");
+}
