@@ -18,6 +18,7 @@ use meshgate_schema::{
     Capabilities, ConnectorKind, FilterKind, Instance, PagingStyle, Series, Study, StudyQuery,
 };
 
+use crate::kind::{self, ConnectorConfig, Invalid, Kind, Setting};
 use crate::{Connector, ConnectorError, SearchOutcome};
 
 /// A folder of DICOM files.
@@ -56,6 +57,48 @@ struct FolderIndex {
 
 /// A parsed data set, read through the domain's attribute accessors.
 struct Dataset<'a>(&'a InMemDicomObject);
+
+/// `kind = "files"`: a folder of DICOM Part-10 files.
+pub const KIND: Kind = Kind {
+    name: "files",
+    read: FilesConfig::read,
+};
+
+/// A files partner's table.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// The folder (relative: to the configuration file's folder).
+    pub path: PathBuf,
+    /// How often the folder is checked for changed files.
+    #[serde(default = "default_rescan_ms")]
+    pub rescan_interval_ms: u64,
+}
+
+fn default_rescan_ms() -> u64 {
+    2_000
+}
+
+impl FilesConfig {
+    fn read(
+        table: toml::Value,
+        setting: &dyn Setting,
+    ) -> Result<Box<dyn ConnectorConfig>, Invalid> {
+        let mut config: FilesConfig = kind::typed(table)?;
+        config.path = setting.path(&config.path);
+        Ok(Box::new(config))
+    }
+}
+
+#[async_trait]
+impl ConnectorConfig for FilesConfig {
+    async fn build(&self) -> Result<Arc<dyn Connector>, ConnectorError> {
+        let rescan = Duration::from_millis(self.rescan_interval_ms.max(100));
+        Ok(Arc::new(
+            FilesConnector::open(self.path.clone(), rescan).await?,
+        ))
+    }
+}
 
 impl DicomAttributes for Dataset<'_> {
     fn texts(&self, tag: Tag) -> Vec<String> {

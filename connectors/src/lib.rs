@@ -7,6 +7,9 @@
 //!
 //! Where to start reading:
 //! - [`Connector`] and [`ConnectorError`] below: the contract with the gateway;
+//! - [`kind`]: connector kinds — each module below that has a `KIND` owns its
+//!   `[partners.connector]` table, its checks and its construction
+//!   ([`files`], [`dicomweb::config`], [`gcp`], [`azure`], [`aws`]);
 //! - [`dicomweb`]: a QIDO-RS client with per-backend profiles (Orthanc, Google
 //!   Cloud, Azure, AWS HealthImaging's DICOMweb API, generic);
 //! - [`healthimaging`]: AWS HealthImaging's native API (image sets,
@@ -22,12 +25,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use meshgate_schema::{Capabilities, ConnectorKind, Study, StudyQuery};
 
+pub mod aws;
 pub mod aws_credentials;
+pub mod azure;
 pub mod dicomweb;
 mod expiring;
 pub mod files;
+pub mod gcp;
 pub mod healthimaging;
 mod http;
+pub mod kind;
 mod secret;
 pub mod sigv4;
 pub mod token;

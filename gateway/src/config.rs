@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_connectors::Secret;
-use meshgate_connectors::dicomweb::Profile;
+use meshgate_connectors::kind::{self, ConnectorConfig, Kind, Setting};
 use meshgate_policies::{
     Authorizer, CountControl, MasterKey, PartnerFacts, PolicyConfig, PolicyFile, ProjectFacts,
 };
@@ -381,7 +381,12 @@ pub struct PartnerConfig {
     /// window where it releases de-identified records or counts.
     #[serde(default)]
     pub budget: BudgetConfig,
-    pub connector: ConnectorConfig,
+    /// `kind = "…"` and that kind's settings (see
+    /// [`meshgate_connectors::kind`]).
+    pub connector: Spanned<toml::Value>,
+    /// The connector table read by its kind, checked, credentials resolved.
+    #[serde(skip)]
+    connector_config: Option<Arc<dyn ConnectorConfig>>,
 }
 
 fn default_min_count() -> u32 {
@@ -401,6 +406,11 @@ fn default_deadline_ms() -> u64 {
 }
 
 impl PartnerConfig {
+    /// Its connector's settings, as its kind read them at load time.
+    pub fn connector_config(&self) -> Option<&Arc<dyn ConnectorConfig>> {
+        self.connector_config.as_ref()
+    }
+
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
     }
@@ -414,188 +424,40 @@ impl PartnerConfig {
     }
 }
 
-/// The connector kind and its settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ConnectorConfig {
-    /// A folder of DICOM Part-10 files.
-    Files {
-        path: PathBuf,
-        /// How often the folder is checked for changed files.
-        #[serde(default = "default_rescan_ms")]
-        rescan_interval_ms: u64,
-    },
-    /// A DICOMweb QIDO-RS service.
-    Dicomweb {
-        /// The DICOMweb base URL, e.g. `http://pacs.example.org/dicom-web/`.
-        url: String,
-        #[serde(default)]
-        profile: Profile,
-        #[serde(default)]
-        page_size: Option<u32>,
-        /// The most results the backend returns for one search, if it caps
-        /// them; reaching it is reported as TRUNCATED.
-        #[serde(default)]
-        max_results: Option<u32>,
-        #[serde(default)]
-        auth: AuthConfig,
-    },
-    /// A Google Cloud Healthcare API DICOM store.
-    Gcp {
-        project: String,
-        location: String,
-        dataset: String,
-        dicom_store: String,
-        credentials: GcpCredentials,
-        /// The API root; default `https://healthcare.googleapis.com/v1`.
-        #[serde(default)]
-        endpoint: Option<String>,
-        #[serde(default)]
-        page_size: Option<u32>,
-    },
-    /// An AWS HealthImaging data store, through its DICOMweb API or its
-    /// native API.
-    Aws {
-        region: String,
-        datastore_id: String,
-        /// Which of the data store's APIs to use.
-        #[serde(default)]
-        api: AwsApi,
-        #[serde(default)]
-        credentials: AwsCredentialsConfig,
-        /// The service URL; default
-        /// `https://dicom-medical-imaging.{region}.amazonaws.com` (DICOMweb)
-        /// or `https://runtime-medical-imaging.{region}.amazonaws.com`
-        /// (native).
-        #[serde(default)]
-        endpoint: Option<String>,
-        /// DICOMweb only: the native API's pages are 50 image sets.
-        #[serde(default)]
-        page_size: Option<u32>,
-        /// DICOMweb only: the most records one search returns (AWS
-        /// documents 10,000, the default); reaching it is TRUNCATED.
-        #[serde(default)]
-        max_results: Option<u32>,
-    },
-    /// An Azure Health Data Services DICOM service (API v2).
-    Azure {
-        workspace: String,
-        service: String,
-        /// The data partition, when the service uses partitions.
-        #[serde(default)]
-        partition: Option<String>,
-        credentials: AzureCredentials,
-        /// The service URL; default
-        /// `https://{workspace}-{service}.dicom.azurehealthcareapis.com`.
-        #[serde(default)]
-        endpoint: Option<String>,
-        #[serde(default)]
-        page_size: Option<u32>,
-    },
-}
-
-/// Which AWS HealthImaging API a partner is reached through.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AwsApi {
-    /// The DICOMweb (QIDO-RS) API: studies directly, at most 10,000
-    /// records per search.
-    #[default]
-    Dicomweb,
-    /// The native API: `SearchImageSets` and `GetImageSetMetadata`, image
-    /// sets grouped into studies, no result cap.
-    Native,
-}
-
-/// Where an AWS partner's credentials come from.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum AwsCredentialsConfig {
-    /// The SDKs' default chain: environment, shared credentials profile, web
-    /// identity, container endpoint, instance role.
-    #[default]
-    Chain,
-    /// Keys given here, as references.
-    Static {
-        access_key_id: String,
-        secret_access_key: SecretRef,
-    },
-}
-
-/// Where a Google Cloud partner's access tokens come from.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum GcpCredentials {
-    /// A service account key file, as `${file:PATH}`.
-    ServiceAccount { key: SecretRef },
-    /// The metadata server (a VM's service account, or GKE workload identity).
-    MetadataServer {
-        #[serde(default)]
-        url: Option<String>,
-    },
-}
-
-/// Where an Azure partner's Entra ID tokens come from.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum AzureCredentials {
-    /// An app registration's client secret.
-    ClientSecret {
-        tenant: String,
-        client_id: String,
-        secret: SecretRef,
-        /// Default `https://login.microsoftonline.com`.
-        #[serde(default)]
-        authority: Option<String>,
-    },
-    /// The instance's managed identity, through IMDS.
-    ManagedIdentity {
-        /// For a user-assigned identity.
-        #[serde(default)]
-        client_id: Option<String>,
-        #[serde(default)]
-        url: Option<String>,
-    },
-    /// Workload identity federation: a platform-issued token in a file,
-    /// exchanged for an Entra ID token. Unset fields come from
-    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`
-    /// and `AZURE_AUTHORITY_HOST`, as AKS sets them.
-    WorkloadIdentity {
-        #[serde(default)]
-        tenant: Option<String>,
-        #[serde(default)]
-        client_id: Option<String>,
-        #[serde(default)]
-        token_file: Option<PathBuf>,
-        #[serde(default)]
-        authority: Option<String>,
-    },
-}
-
-fn default_rescan_ms() -> u64 {
-    2_000
-}
-
-/// How a connector authenticates.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum AuthConfig {
-    #[default]
-    None,
-    Basic {
-        username: String,
-        password: SecretRef,
-    },
-    Bearer {
-        token: SecretRef,
-    },
-}
-
 /// A credential reference (`${env:NAME}` or `${file:PATH}`), resolved by
 /// `resolve_secret`. The referenced value is never stored here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(transparent)]
 pub struct SecretRef(String);
+
+/// What a connector kind reads its table with: credential references
+/// resolved (and noted, so that a rotated credential counts as a change of
+/// the partner), paths anchored at the configuration file's folder.
+struct PartnerSetting<'a> {
+    base: &'a Path,
+    env: &'a dyn Environment,
+    /// SHA-256 of each credential resolved.
+    credentials: std::cell::RefCell<Vec<u8>>,
+}
+
+impl Setting for PartnerSetting<'_> {
+    fn secret(&self, reference: &str) -> Result<Secret, String> {
+        use sha2::Digest as _;
+        let secret = resolve_secret(&SecretRef(reference.to_owned()), self.base, self.env)?;
+        self.credentials
+            .borrow_mut()
+            .extend(sha2::Sha256::digest(secret.expose().as_bytes()));
+        Ok(secret)
+    }
+
+    fn path(&self, path: &Path) -> PathBuf {
+        self.base.join(path)
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        self.env.var(name)
+    }
+}
 
 /// Where configuration values come from, so tests inject them instead of
 /// mutating the process environment.
@@ -646,8 +508,9 @@ impl fmt::Display for ConfigError {
 pub struct LoadedConfig {
     /// The file it was read from (what a reload reads again).
     pub file: PathBuf,
+    /// The connector kinds it was read with (what a reload reads it with).
+    pub kinds: Vec<Kind>,
     pub config: Config,
-    pub secrets: ResolvedSecrets,
     pub pseudonym_key: MasterKey,
     /// The bearer token `/metrics` asks for on the API listener.
     pub metrics_token: Option<Secret>,
@@ -701,7 +564,7 @@ impl Fingerprints {
         file: &Path,
         text: &str,
         config: &Config,
-        secrets: &[Option<Secret>],
+        credentials: &[Vec<u8>],
         policies: &PolicyConfig,
     ) -> Fingerprints {
         let files = policies
@@ -733,17 +596,15 @@ impl Fingerprints {
         let rendered = |value: &toml::Value| toml::to_string(value).unwrap_or_default();
         let mut partners = std::collections::HashMap::new();
         if let Some(tables) = raw.get("partners").and_then(toml::Value::as_array) {
-            for ((table, partner), secret) in tables.iter().zip(&config.partners).zip(secrets) {
+            for ((table, partner), credential) in
+                tables.iter().zip(&config.partners).zip(credentials)
+            {
                 let mut table = table.clone();
                 if let Some(table) = table.as_table_mut() {
                     for facts in ["policies", "institution", "data_use"] {
                         table.remove(facts);
                     }
                 }
-                let credential = secret
-                    .as_ref()
-                    .map(|s| s.expose().as_bytes())
-                    .unwrap_or_default();
                 partners.insert(
                     partner.id.get_ref().clone(),
                     sha256_hex(&[rendered(&table).as_bytes(), credential]),
@@ -778,26 +639,10 @@ impl Fingerprints {
     }
 }
 
-/// Credentials resolved at load time, per partner index.
-#[derive(Debug, Clone, Default)]
-pub struct ResolvedSecrets(Vec<Option<Secret>>);
-
-impl ResolvedSecrets {
-    pub fn for_partner(&self, index: usize) -> Option<&Secret> {
-        self.0.get(index).and_then(Option::as_ref)
-    }
-}
-
 impl Config {
     /// Reads, parses, checks and resolves a configuration file.
     pub fn load(path: &Path, env: &dyn Environment) -> Result<LoadedConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
-            file: path.to_owned(),
-            line: None,
-            column: None,
-            message: format!("cannot read the file: {error}"),
-        })?;
-        Config::from_toml(&text, path, env)
+        Config::load_with(path, env, &kind::builtin())
     }
 
     /// Parses, checks and resolves configuration text; `file` names it in errors.
@@ -805,6 +650,31 @@ impl Config {
         text: &str,
         file: &Path,
         env: &dyn Environment,
+    ) -> Result<LoadedConfig, ConfigError> {
+        Config::from_toml_with(text, file, env, &kind::builtin())
+    }
+
+    /// Reads a configuration file whose connectors are of `kinds`.
+    pub fn load_with(
+        path: &Path,
+        env: &dyn Environment,
+        kinds: &[Kind],
+    ) -> Result<LoadedConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            message: format!("cannot read the file: {error}"),
+        })?;
+        Config::from_toml_with(&text, path, env, kinds)
+    }
+
+    /// [`Config::from_toml`] with connectors of `kinds`.
+    pub fn from_toml_with(
+        text: &str,
+        file: &Path,
+        env: &dyn Environment,
+        kinds: &[Kind],
     ) -> Result<LoadedConfig, ConfigError> {
         let located = |span: Option<Range<usize>>, message: String| {
             let (line, column) = match span {
@@ -826,20 +696,6 @@ impl Config {
         // Every relative path is relative to this file's folder, so the
         // same file means the same thing from any working directory.
         let base = file.parent().unwrap_or(Path::new("."));
-        for partner in &mut config.partners {
-            match &mut partner.connector {
-                ConnectorConfig::Files { path, .. }
-                | ConnectorConfig::Azure {
-                    credentials:
-                        AzureCredentials::WorkloadIdentity {
-                            token_file: Some(path),
-                            ..
-                        },
-                    ..
-                } => *path = base.join(&*path),
-                _ => {}
-            }
-        }
         if let Some(socket) = &mut config.reload.control_socket {
             *socket = base.join(&*socket);
         }
@@ -850,7 +706,8 @@ impl Config {
             ));
         }
         let mut seen = std::collections::HashSet::new();
-        let mut secrets = Vec::with_capacity(config.partners.len());
+        let mut connectors = Vec::with_capacity(config.partners.len());
+        let mut credentials = Vec::with_capacity(config.partners.len());
         for (index, partner) in config.partners.iter().enumerate() {
             let id = partner.id.get_ref();
             let valid = !id.is_empty()
@@ -886,8 +743,8 @@ impl Config {
                     "utc_offset must look like +01:00 or -05:30".into(),
                 ));
             }
-            // Values inside the tagged connector tables carry no spans through
-            // serde, so their locations come from the document itself.
+            // Values inside connector tables carry no spans through serde,
+            // so their locations come from the document itself.
             let at = |keys: &[&str]| {
                 let mut path = vec![
                     Key::Name("partners"),
@@ -895,108 +752,37 @@ impl Config {
                     Key::Name("connector"),
                 ];
                 path.extend(keys.iter().map(|k| Key::Name(k)));
-                span_at(text, &path)
+                span_at(text, &path).or_else(|| Some(partner.connector.span()))
             };
-            let secret = match &partner.connector {
-                ConnectorConfig::Files { .. } => None,
-                ConnectorConfig::Gcp {
-                    project,
-                    location,
-                    dataset,
-                    dicom_store,
-                    credentials,
-                    ..
-                } => {
-                    resource_names(
-                        &[
-                            ("project", Some(project)),
-                            ("location", Some(location)),
-                            ("dataset", Some(dataset)),
-                            ("dicom_store", Some(dicom_store)),
-                        ],
-                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
-                    )?;
-                    match credentials {
-                        GcpCredentials::ServiceAccount { key } => Some(
-                            resolve_secret(key, base, env)
-                                .map_err(|message| located(at(&["credentials", "key"]), message))?,
+            let mut table = partner.connector.get_ref().clone();
+            let name = table
+                .as_table_mut()
+                .and_then(|t| t.remove("kind"))
+                .and_then(|kind| kind.as_str().map(str::to_owned));
+            let kind = kinds
+                .iter()
+                .find(|k| name.as_deref() == Some(k.name))
+                .ok_or_else(|| {
+                    let names: Vec<&str> = kinds.iter().map(|k| k.name).collect();
+                    located(
+                        at(&["kind"]),
+                        format!(
+                            "connector kind {} is not one of: {}",
+                            name.as_deref()
+                                .map_or("(missing)".to_owned(), |n| format!("'{n}'")),
+                            names.join(", ")
                         ),
-                        GcpCredentials::MetadataServer { .. } => None,
-                    }
-                }
-                ConnectorConfig::Aws {
-                    region,
-                    datastore_id,
-                    credentials,
-                    ..
-                } => {
-                    resource_names(
-                        &[
-                            ("region", Some(region)),
-                            ("datastore_id", Some(datastore_id)),
-                        ],
-                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
-                    )?;
-                    match credentials {
-                        AwsCredentialsConfig::Chain => None,
-                        AwsCredentialsConfig::Static {
-                            secret_access_key, ..
-                        } => Some(resolve_secret(secret_access_key, base, env).map_err(
-                            |message| located(at(&["credentials", "secret_access_key"]), message),
-                        )?),
-                    }
-                }
-                ConnectorConfig::Azure {
-                    workspace,
-                    service,
-                    partition,
-                    credentials,
-                    ..
-                } => {
-                    resource_names(
-                        &[
-                            ("workspace", Some(workspace)),
-                            ("service", Some(service)),
-                            ("partition", partition.as_ref()),
-                        ],
-                        &|name| located(at(&[name]), format!("{name} {RESOURCE_NAME_RULE}")),
-                    )?;
-                    match credentials {
-                        AzureCredentials::ClientSecret { secret, .. } => {
-                            Some(resolve_secret(secret, base, env).map_err(|message| {
-                                located(at(&["credentials", "secret"]), message)
-                            })?)
-                        }
-                        _ => None,
-                    }
-                }
-                ConnectorConfig::Dicomweb { url, auth, .. } => {
-                    let parsed = meshgate_connectors::dicomweb::Url::parse(url)
-                        .ok()
-                        .filter(|u| matches!(u.scheme(), "http" | "https"));
-                    if parsed.is_none() {
-                        return Err(located(
-                            at(&["url"]),
-                            "url must be an http:// or https:// URL".into(),
-                        ));
-                    }
-                    match auth {
-                        AuthConfig::None => None,
-                        AuthConfig::Basic {
-                            password: reference,
-                            ..
-                        } => Some(
-                            resolve_secret(reference, base, env)
-                                .map_err(|message| located(at(&["auth", "password"]), message))?,
-                        ),
-                        AuthConfig::Bearer { token: reference } => Some(
-                            resolve_secret(reference, base, env)
-                                .map_err(|message| located(at(&["auth", "token"]), message))?,
-                        ),
-                    }
-                }
+                    )
+                })?;
+            let setting = PartnerSetting {
+                base,
+                env,
+                credentials: std::cell::RefCell::default(),
             };
-            secrets.push(secret);
+            let connector = (kind.read)(table, &setting)
+                .map_err(|invalid| located(at(&invalid.at), suggest(&invalid.message)))?;
+            connectors.push(Arc::<dyn ConnectorConfig>::from(connector));
+            credentials.push(setting.credentials.into_inner());
         }
         let issuers = issuers(&config, text, &located)?;
         let key_span = span_at(text, &[Key::Name("deidentification"), Key::Name("key")]);
@@ -1016,11 +802,14 @@ impl Config {
         let audit = audit_settings(&config.audit, base, text, env, &located)?;
         let policies = policy_config(&config, base, &located)?;
         let authorizer = Authorizer::new(&policies).map_err(policy_error)?;
-        let fingerprints = Fingerprints::of(file, text, &config, &secrets, &policies);
+        let fingerprints = Fingerprints::of(file, text, &config, &credentials, &policies);
+        for (partner, connector) in config.partners.iter_mut().zip(connectors) {
+            partner.connector_config = Some(connector);
+        }
         Ok(LoadedConfig {
             file: file.to_owned(),
+            kinds: kinds.to_vec(),
             config,
-            secrets: ResolvedSecrets(secrets),
             pseudonym_key,
             metrics_token,
             issuers,
@@ -1214,35 +1003,6 @@ fn issuers(
             })
         })
         .collect()
-}
-
-const RESOURCE_NAME_RULE: &str = "must be letters, digits, '-', '_' or '.'";
-
-/// Checks cloud resource names (absent ones pass); the first bad one is
-/// reported through `error(name)`.
-fn resource_names(
-    names: &[(&'static str, Option<&String>)],
-    error: &dyn Fn(&'static str) -> ConfigError,
-) -> Result<(), ConfigError> {
-    match names
-        .iter()
-        .find(|(_, value)| value.is_some_and(|v| !is_resource_name(v)))
-    {
-        Some((name, _)) => Err(error(name)),
-        None => Ok(()),
-    }
-}
-
-/// A cloud resource name: letters, digits, `-`, `_`, `.` (no slashes, so
-/// it cannot change the URL it is put into).
-fn is_resource_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 256
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name != "."
-        && name != ".."
 }
 
 /// A GA4GH DUO code: `DUO:` and seven digits.
@@ -1533,6 +1293,10 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
     /// Made by `openssl genpkey -algorithm ed25519` (PKCS#8 v1).
     const CHECKPOINT_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOvQwcuIRmqdIqa5wsz8Mgbz7B0wr2B7j18h9nzxIzSR\n-----END PRIVATE KEY-----\n";
 
+    /// A service account key file as Google issues them (the private key
+    /// is read only when a token is asked for).
+    const SERVICE_ACCOUNT_KEY: &str = r#"{"type": "service_account", "client_email": "meshgate@my-project.iam.gserviceaccount.com", "private_key": "-----BEGIN PRIVATE KEY-----\nnot read at load time\n-----END PRIVATE KEY-----\n", "token_uri": "https://oauth2.googleapis.com/token"}"#;
+
     fn env_with(pairs: &[(&str, &str)]) -> FakeEnv {
         let mut env = FakeEnv(HashMap::from([
             ("PSEUDONYM_KEY".into(), KEY.into()),
@@ -1553,8 +1317,6 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
             loaded.config.partners[1].deadline(),
             Duration::from_millis(1500)
         );
-        assert_eq!(loaded.secrets.for_partner(1).unwrap().expose(), "s3cret");
-        assert!(loaded.secrets.for_partner(0).is_none());
         assert!(!format!("{loaded:?}").contains("s3cret"));
         assert!(!format!("{loaded:?}").contains(KEY));
         assert_eq!(loaded.issuers[0].leeway, Duration::from_secs(30));
@@ -1616,17 +1378,25 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
             missing.to_string().contains("SOUTH_PASSWORD is not set"),
             "{missing}"
         );
+        // The value resolved is the partner's: the same file with another
+        // value is another partner (a reload rebuilds it), the others stay.
         let from_file = GOOD.replace("${env:SOUTH_PASSWORD}", "${file:/run/secrets/south}");
-        let env = env_with(&[("file:/run/secrets/south", "pw\n")]);
-        assert_eq!(
-            load(&from_file, &env)
-                .unwrap()
-                .secrets
-                .for_partner(1)
-                .unwrap()
-                .expose(),
-            "pw"
+        let partners = |text: &str, env: &FakeEnv| load(text, env).unwrap().fingerprints.partners;
+        let first = partners(
+            &from_file,
+            &env_with(&[("file:/run/secrets/south", "s3cret\n")]),
         );
+        let again = partners(
+            &from_file,
+            &env_with(&[("file:/run/secrets/south", "s3cret\n")]),
+        );
+        let rotated = partners(
+            &from_file,
+            &env_with(&[("file:/run/secrets/south", "pw\n")]),
+        );
+        assert_eq!(first, again);
+        assert_ne!(first["south"], rotated["south"]);
+        assert_eq!(first["north"], rotated["north"]);
     }
 
     #[test]
@@ -1706,10 +1476,11 @@ checkpoint_key = "${env:CHECKPOINT_KEY}"
         ]);
         let loaded =
             Config::from_toml(&text, Path::new("/etc/meshgate/meshgate.toml"), &env).unwrap();
-        let ConnectorConfig::Files { path, .. } = &loaded.config.partners[0].connector else {
-            panic!("north is a files partner");
-        };
-        assert_eq!(path, Path::new("/etc/meshgate/data/north"));
+        let north = format!("{:?}", loaded.config.partners[0].connector_config());
+        assert!(
+            north.contains("path: \"/etc/meshgate/data/north\""),
+            "{north}"
+        );
         // The same file read from elsewhere resolves elsewhere: not found.
         let error =
             Config::from_toml(&text, Path::new("/srv/other/meshgate.toml"), &env).unwrap_err();
@@ -1798,16 +1569,26 @@ connector = { kind = "aws", region = "us-east-1", datastore_id = "abc" }
             ("SOUTH_PASSWORD", "x"),
             ("AZURE_SECRET", "s3cret"),
             ("AWS_SECRET", "aws-s3cret"),
-            ("file:/run/secrets/sa.json", "{}"),
+            ("file:/run/secrets/sa.json", SERVICE_ACCOUNT_KEY),
         ]);
         let loaded = load(&clouds, &env).unwrap();
+        assert_eq!(loaded.config.partners.len(), 6);
+        assert!(!format!("{loaded:?}").contains("aws-s3cret"));
+        // A key file that is not one is found by `config check`, where it is.
+        let not_a_key = env_with(&[
+            ("SOUTH_PASSWORD", "x"),
+            ("AZURE_SECRET", "s3cret"),
+            ("AWS_SECRET", "aws-s3cret"),
+            ("file:/run/secrets/sa.json", "{}"),
+        ]);
+        let error = load(&clouds, &not_a_key).unwrap_err();
+        assert!(error.message.contains("not a key file"), "{error}");
         assert_eq!(
-            loaded.secrets.for_partner(4).unwrap().expose(),
-            "aws-s3cret"
+            clouds.lines().nth(error.line.unwrap() - 1),
+            Some(
+                r#"credentials = { kind = "service_account", key = "${file:/run/secrets/sa.json}" }"#
+            )
         );
-        assert!(loaded.secrets.for_partner(5).is_none());
-        assert_eq!(loaded.secrets.for_partner(2).unwrap().expose(), "{}");
-        assert_eq!(loaded.secrets.for_partner(3).unwrap().expose(), "s3cret");
 
         let slash = clouds.replace("dataset = \"imaging\"", "dataset = \"imaging/../x\"");
         let error = load(&slash, &env).unwrap_err();

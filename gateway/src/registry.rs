@@ -50,8 +50,10 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Registry {
     current: RwLock<Arc<Snapshot>>,
-    /// The configuration file a reload reads.
+    /// The configuration file a reload reads…
     source: PathBuf,
+    /// …with these connector kinds.
+    kinds: Vec<meshgate_connectors::kind::Kind>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     /// The watched files as the last reload (or start-up) found them, so
@@ -151,6 +153,7 @@ impl Registry {
             seen: Mutex::new(on_disk(&snapshot.fingerprints.watched)),
             current: RwLock::new(Arc::new(snapshot)),
             source: loaded.file.clone(),
+            kinds: loaded.kinds.clone(),
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -198,7 +201,7 @@ impl Registry {
 
     async fn rebuild(&self) -> Result<Reloaded, ReloadError> {
         let old = self.current();
-        let loaded = Config::load(&self.source, &ProcessEnvironment)?;
+        let loaded = Config::load_with(&self.source, &ProcessEnvironment, &self.kinds)?;
         let fingerprints = &loaded.fingerprints;
         let mut restart: Vec<String> = old
             .fingerprints

@@ -470,6 +470,20 @@ impl Gateway {
     /// Starts a gateway whose `[[partners]]` tables are `partners_toml`;
     /// each partner's institution, data use and policies come from `policies`.
     pub async fn start_with(partners_toml: &str, policies: Policies) -> Gateway {
+        Gateway::start_with_kinds(
+            partners_toml,
+            policies,
+            &meshgate_connectors::kind::builtin(),
+        )
+        .await
+    }
+
+    /// [`Gateway::start_with`], its connectors of `kinds`.
+    pub async fn start_with_kinds(
+        partners_toml: &str,
+        policies: Policies,
+        kinds: &[meshgate_connectors::kind::Kind],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let issuer = DevIssuer::start("127.0.0.1:0".parse().unwrap())
             .await
@@ -570,7 +584,7 @@ impl Gateway {
         );
         let config_file = dir.path().join("e2e.toml");
         std::fs::write(&config_file, &text).unwrap();
-        let loaded = Config::from_toml(&text, &config_file, &ProcessEnvironment)
+        let loaded = Config::from_toml_with(&text, &config_file, &ProcessEnvironment, kinds)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let gateway = start(&loaded).await.unwrap();
         let registry = std::sync::Arc::clone(&gateway.registry);

@@ -6,6 +6,7 @@
 //! more — never trusting a short page to mean the end, since some backends
 //! cap pages silently. Backend differences live in [`Profile`].
 
+pub mod config;
 mod probe;
 mod profile;
 
