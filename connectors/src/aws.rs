@@ -18,10 +18,7 @@ use crate::kind::{self, ConnectorConfig, Invalid, Kind, Setting};
 use crate::sigv4::{AwsCredentials, HEALTHIMAGING_SERVICE};
 use crate::{Connector, ConnectorError};
 
-pub const KIND: Kind = Kind {
-    name: "aws",
-    read,
-};
+pub const KIND: Kind = Kind { name: "aws", read };
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

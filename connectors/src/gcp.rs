@@ -12,10 +12,7 @@ use crate::token::{
     TokenSource,
 };
 
-pub const KIND: Kind = Kind {
-    name: "gcp",
-    read,
-};
+pub const KIND: Kind = Kind { name: "gcp", read };
 
 /// The public API root.
 pub const DEFAULT_ENDPOINT: &str = "https://healthcare.googleapis.com/v1";

@@ -42,8 +42,10 @@ pub mod metrics;
 pub mod protection;
 pub mod registry;
 pub mod request;
+pub mod server;
 pub mod synth;
 pub mod telemetry;
 
-pub use app::{Gateway, build_app, run, start};
+pub use app::{Gateway, build_app, start};
 pub use config::{Config, ConfigError, LoadedConfig, ProcessEnvironment};
+pub use server::run;

@@ -454,7 +454,7 @@ const WORK_NICENESS: i32 = 5;
 fn run_to_exit(task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     // Queries run on these threads, at a lower scheduling priority than
     // the threads that accept connections and answer health checks and
-    // refusals (see `app::run`), so that a machine saturated with queries
+    // refusals (see `server::run`), so that a machine saturated with queries
     // still answers those at once. Linux sets `nice` per thread.
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -523,7 +523,7 @@ async fn serve(loaded: LoadedConfig, started: Instant, demo: bool) -> anyhow::Re
             .await
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
     }
-    let listener = meshgate_gateway::app::listen(loaded.config.listen)
+    let listener = meshgate_gateway::server::listen(loaded.config.listen)
         .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
     let address = listener.local_addr()?;
     println!(
