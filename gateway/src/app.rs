@@ -10,6 +10,7 @@ use async_graphql::http::GraphiQLSource;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::handler::Handler as _;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -181,7 +182,10 @@ pub fn build_app(gateway: Gateway) -> Router {
         fatal,
     };
     Router::new()
-        .route("/graphql", get(graphiql).post(graphql))
+        .route(
+            "/graphql",
+            get(graphiql).post(graphql.layer(axum::middleware::from_fn(observed))),
+        )
         .route("/audit/checkpoint", get(latest_checkpoint))
         .route("/audit/AuditEvent.ndjson", get(export_audit_events))
         .route("/healthz", get(|| async { "ok" }))
@@ -246,13 +250,13 @@ async fn graphiql(State(state): State<AppState>, uri: axum::http::Uri) -> Respon
 }
 
 /// Who is calling: the client's address and the `Authorization` header.
-fn caller(request: &Request) -> (Option<SocketAddr>, Option<String>) {
-    let client = request
-        .extensions()
+fn caller(parts: &axum::http::request::Parts) -> (Option<SocketAddr>, Option<String>) {
+    let client = parts
+        .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let authorization = request
-        .headers()
+    let authorization = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
@@ -283,19 +287,17 @@ async fn authenticate(
     }
 }
 
-async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+/// Every `POST /graphql`, admitted or not: its span (its id and status
+/// only: no operation text, no caller, no filter values) and its metrics.
+async fn observed(request: Request, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
-    // The request's span: its id and status only (no operation text, no
-    // caller, no filter values).
     let span = tracing::info_span!(
         "graphql request",
         otel.kind = "server",
         request_id = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
     );
-    let response = handle_graphql(state, request)
-        .instrument(span.clone())
-        .await;
+    let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     if let Some(id) = response
         .headers()
@@ -361,6 +363,68 @@ async fn admit(
     ))
 }
 
+/// A request admitted by [`admit`], on the snapshot in force when it
+/// arrived (which it keeps to the end, whatever reloads happen meanwhile):
+/// its context with the verified caller, and its shares of the limits,
+/// held until it is answered. Rejected with the answer to send instead:
+/// the audited `401`/`503`, or `429`.
+struct Admitted {
+    snapshot: Arc<Snapshot>,
+    context: RequestContext,
+    tickets: Tickets,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Admitted {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Admitted, Response> {
+        let snapshot = state.registry.current();
+        let (context, tickets) = admit(state, &snapshot, caller(parts)).await?;
+        Ok(Admitted {
+            snapshot,
+            context,
+            tickets,
+        })
+    }
+}
+
+/// Why an admitted request is refused before its operation runs. Audited
+/// like any other request, in one place ([`Refusal::audited`]).
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The refusal's audit record, then its answer (or `503` when the
+    /// record cannot be written).
+    async fn audited(self, state: &AppState, context: &RequestContext) -> Response {
+        let record = context.audit_record(None, vec![self.code.to_owned()]);
+        if commit(state, &record).await.is_err() {
+            return audit_unavailable(&context.request_id);
+        }
+        error_response(
+            self.status,
+            &context.request_id,
+            self.code,
+            &self.message,
+            None,
+        )
+    }
+}
+
 /// `503 OVERLOADED`, at once: the gateway's `max_in_flight` permits are
 /// all taken.
 fn overloaded(request_id: &str) -> Response {
@@ -374,14 +438,25 @@ fn overloaded(request_id: &str) -> Response {
     )
 }
 
-async fn handle_graphql(state: AppState, request: Request) -> Response {
-    // The request runs entirely on the snapshot in force now, whatever
-    // reloads happen meanwhile.
-    let snapshot = state.registry.current();
-    let (context, _tickets) = match admit(&state, &snapshot, caller(&request)).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal,
-    };
+/// `POST /graphql`.
+async fn graphql(State(state): State<AppState>, admitted: Admitted, request: Request) -> Response {
+    let context = admitted.context.clone();
+    match answer_graphql(&state, admitted, request).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.audited(&state, &context).await,
+    }
+}
+
+async fn answer_graphql(
+    state: &AppState,
+    admitted: Admitted,
+    request: Request,
+) -> Result<Response, Refusal> {
+    let Admitted {
+        snapshot,
+        context,
+        tickets: _tickets,
+    } = admitted;
     let request_id = context.request_id.clone();
 
     let body_timeout = Duration::from_millis(state.server.body_timeout_ms);
@@ -393,48 +468,41 @@ async fn handle_graphql(state: AppState, request: Request) -> Response {
     {
         Ok(Ok(body)) => body,
         Err(_) => {
-            return refuse(
-                &state,
-                &context,
+            return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "REQUEST_TIMEOUT",
                 "the request body did not arrive in time",
-            )
-            .await;
+            ));
         }
         Ok(Err(_)) => {
-            return refuse(
-                &state,
-                &context,
+            return Err(Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "REQUEST_TOO_LARGE",
                 "the request body is too large",
-            )
-            .await;
+            ));
         }
     };
     // An in-flight permit only once the body is here: slow uploads hold
     // their own source's share, not the gateway's capacity. Past the
     // limit, shed at once.
     let Ok(_in_flight) = Arc::clone(&state.in_flight).try_acquire_owned() else {
-        return overloaded(&request_id);
+        return Ok(overloaded(&request_id));
     };
     // Parsing, execution and the answer's JSON on the work runtime: this
     // one only admits, reads and writes.
-    let work = state.work.clone();
-    let processing =
-        process_graphql(state, snapshot, context, body).instrument(tracing::Span::current());
-    match work.spawn(processing).await {
-        Ok(response) => response,
+    let processing = process_graphql(state.clone(), snapshot, context, body)
+        .instrument(tracing::Span::current());
+    match state.work.spawn(processing).await {
+        Ok(answer) => answer,
         Err(_) => {
             tracing::error!("a GraphQL request panicked");
-            error_response(
+            Ok(error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &request_id,
                 "INTERNAL_SERVER_ERROR",
                 "internal error",
                 None,
-            )
+            ))
         }
     }
 }
@@ -446,19 +514,16 @@ async fn process_graphql(
     snapshot: Arc<Snapshot>,
     context: RequestContext,
     body: axum::body::Bytes,
-) -> Response {
+) -> Result<Response, Refusal> {
     let request_id = context.request_id.clone();
     let mut gql_request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(_) => {
-            return refuse(
-                &state,
-                &context,
+            return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "BAD_REQUEST",
                 "the body must be one JSON object with a query string, optional variables and operationName",
-            )
-            .await;
+            ));
         }
     };
     // Parsed once here (and kept in the request for execution) so that a
@@ -481,11 +546,11 @@ async fn process_graphql(
         )),
     };
     if let Err((code, message)) = checked {
-        return refuse(&state, &context, StatusCode::BAD_REQUEST, code, &message).await;
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, code, message));
     }
     // No partner is asked while the audit log cannot be written.
     if state.audit.ready().await.is_err() {
-        return audit_unavailable(&request_id);
+        return Ok(audit_unavailable(&request_id));
     }
     let operation = gql_request.operation_name.clone();
     let mut response = state
@@ -545,7 +610,7 @@ async fn process_graphql(
     let record = context.audit_record(operation, error_codes);
     if commit(&state, &record).await.is_err() {
         // Fail closed: no data leaves without its audit record.
-        return audit_unavailable(&request_id);
+        return Ok(audit_unavailable(&request_id));
     }
     let status = if validation_failed {
         StatusCode::BAD_REQUEST
@@ -553,33 +618,18 @@ async fn process_graphql(
         StatusCode::OK
     };
     let held = context.release();
-    json_response(
+    Ok(json_response(
         status,
         &request_id,
         serde_json::to_value(&response).unwrap_or_default(),
     )
     // The studies' permits stay taken until the answer has been sent.
-    .map(|body| Body::new(UntilDropped { body, _held: held }))
+    .map(|body| Body::new(UntilDropped { body, _held: held })))
 }
 
 /// Commits one audit record.
 async fn commit(state: &AppState, record: &AuditRecord) -> Result<i64, AuditError> {
     state.audit.append(record, &state.fatal).await
-}
-
-/// Refuses a request before GraphQL execution, audited like any other.
-async fn refuse(
-    state: &AppState,
-    context: &RequestContext,
-    status: StatusCode,
-    code: &str,
-    message: &str,
-) -> Response {
-    let record = context.audit_record(None, vec![code.to_owned()]);
-    if commit(state, &record).await.is_err() {
-        return audit_unavailable(&context.request_id);
-    }
-    error_response(status, &context.request_id, code, message, None)
 }
 
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750), or 503 when the
@@ -672,14 +722,13 @@ async fn latest_checkpoint(State(state): State<AppState>) -> Response {
 /// export is itself audited.
 async fn export_audit_events(
     State(state): State<AppState>,
+    Admitted {
+        snapshot,
+        context,
+        tickets,
+    }: Admitted,
     axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
-    request: Request,
 ) -> Response {
-    let snapshot = state.registry.current();
-    let (context, tickets) = match admit(&state, &snapshot, caller(&request)).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal,
-    };
     let request_id = context.request_id.clone();
     let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return overloaded(&request_id);
@@ -802,7 +851,7 @@ async fn export_audit_events(
 /// credentials: labels are status codes and partner ids.
 /// On the API listener only with `[metrics] token`, for that bearer
 /// token; otherwise `404`, as if there were no such path.
-async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+async fn metrics(State(state): State<AppState>, request: axum::http::request::Parts) -> Response {
     let Some(token) = &state.metrics_token else {
         return StatusCode::NOT_FOUND.into_response();
     };
