@@ -10,7 +10,7 @@ use meshgate_schema::fhir::MappingOptions;
 
 use crate::app::StartError;
 use crate::config::{LoadedConfig, parse_utc_offset};
-use crate::federation::{Partner, PartnerCheck, check_partners};
+use crate::partner::{Partner, PartnerCheck, check_partners};
 use crate::protection::Guard;
 
 /// How long start-up (and a reload) waits for each new partner's

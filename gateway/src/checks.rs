@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use meshgate_schema::{Capabilities, PagingStyle, ProbedFeature};
 
-use crate::federation::PartnerCheck;
+use crate::partner::PartnerCheck;
 
 /// The report as an aligned text table, one partner per row.
 pub fn table(checks: &[PartnerCheck]) -> String {

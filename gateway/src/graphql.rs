@@ -21,7 +21,8 @@ use crate::audit::{AuditLog, Scope, Selection};
 use crate::budget::QueryBudgetUse;
 use crate::config::ServerProfile;
 use crate::cursor::{self, Binding, CursorError};
-use crate::federation::{Federation, FoundStudy, Grant, Grants, SortKey};
+use crate::federation::{Federation, Grants, SortKey};
+use crate::partner::{FoundStudy, Grant};
 use crate::request::{AuditedAccess, AuditedPartner, OverBudget, RequestContext};
 
 /// Studies per page unless `first` says otherwise.

@@ -13,10 +13,10 @@
 //!    [`meshgate_schema::StudyQuery`], ask the policies
 //!    ([`meshgate_policies::Authorizer`]) what each partner may disclose for
 //!    the project, and give every error its stable code;
-//! 3. [`federation`](mod@federation): every permitted partner's connector is asked at once,
-//!    each under its deadline; count disclosure control and
-//!    de-identification are applied per partner; answers are merged newest
-//!    first and paged by [`cursor`];
+//! 3. [`federation`](mod@federation): every permitted partner is asked at
+//!    once through its own path ([`partner`]: connector, cache, guard and
+//!    deadline, count disclosure control, de-identification, status); what
+//!    they release is merged newest first and paged by [`cursor`];
 //! 4. [`request`]: who is asking and what was accessed, for the audit record.
 //!
 //! [`config`] reads the TOML configuration, [`synth`] writes synthetic
@@ -39,6 +39,7 @@ pub mod federation;
 pub mod graphql;
 pub mod limits;
 pub mod metrics;
+pub mod partner;
 pub mod protection;
 pub mod registry;
 pub mod request;

@@ -384,7 +384,7 @@ async fn partners_check(config: PathBuf, timeout: Duration) -> ExitCode {
             }
         }
     }
-    let checks = meshgate_gateway::federation::check_partners(&partners, timeout).await;
+    let checks = meshgate_gateway::partner::check_partners(&partners, timeout).await;
     print!("{}", meshgate_gateway::checks::table(&checks));
     if checks.iter().all(|check| check.outcome.is_ok()) {
         ExitCode::SUCCESS

@@ -24,9 +24,10 @@ use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::cache::AnswerCache;
 use crate::config::{Config, ConfigError, Fingerprints, LoadedConfig, ProcessEnvironment};
-use crate::federation::{Federation, Partner};
+use crate::federation::Federation;
 use crate::graphql::Services;
 use crate::metrics::METRICS;
+use crate::partner::Partner;
 
 /// One configuration in force: what every request that started on it uses.
 #[derive(Debug)]
