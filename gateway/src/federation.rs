@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use meshgate_policies::{CellKeys, Total};
-use meshgate_schema::api::PartnerStatus;
 use meshgate_schema::{Caller, Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::Instant;
@@ -25,8 +24,8 @@ use tokio::time::Instant;
 use crate::budget::QueryBudgets;
 use crate::cache::AnswerCache;
 use crate::partner::{
-    Asking, FoundStudy, Grant, Partner, PartnerCheck, PartnerSearch, check_partners,
-    saturating_u32, status,
+    Asking, FoundStudy, Grant, Partner, PartnerCheck, PartnerReport, PartnerSearch, check_partners,
+    report, saturating_u32,
 };
 
 /// What the policies decided for one query.
@@ -92,7 +91,7 @@ pub struct MergedPage {
     pub has_next_page: bool,
     /// Studies that can be paged through.
     pub total: u32,
-    pub statuses: Vec<PartnerStatus>,
+    pub statuses: Vec<PartnerReport>,
 }
 
 /// All partners, in configuration order, and their cached answers.
@@ -183,13 +182,13 @@ impl Federation {
     }
 
     /// How many studies match, per partner, as they may be disclosed.
-    pub async fn count(&self, query: &StudyQuery, grants: &Grants) -> (Total, Vec<PartnerStatus>) {
+    pub async fn count(&self, query: &StudyQuery, grants: &Grants) -> (Total, Vec<PartnerReport>) {
         let searches = self.search(query, grants).await;
         let mut total = Total::default();
         for count in searches.iter().filter_map(PartnerSearch::disclosed) {
             total.add(count);
         }
-        (total, searches.iter().map(status).collect())
+        (total, searches.iter().map(report).collect())
     }
 
     /// The `first` studies after `after` in the merged order, from the
@@ -265,7 +264,7 @@ impl Federation {
             studies: slots.into_iter().flatten().collect(),
             has_next_page,
             total: saturating_u32(total),
-            statuses: searches.iter().map(status).collect(),
+            statuses: searches.iter().map(report).collect(),
         }
     }
 }

@@ -10,7 +10,7 @@ use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
 use meshgate_policies::{AdminAction, Authorizer, Deidentifier, MasterKey};
 use meshgate_schema::api::{
     CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
-    PatientSummary, StudyFilter,
+    PartnerStatus, PatientSummary, StudyFilter,
 };
 use meshgate_schema::fhir::{imaging_study, started_text};
 use meshgate_schema::principal::ActiveSnapshot;
@@ -489,7 +489,7 @@ impl QueryRoot {
                 partners: page
                     .statuses
                     .iter()
-                    .map(AuditedPartner::from_status)
+                    .map(AuditedPartner::from_report)
                     .collect(),
             });
         }
@@ -508,7 +508,7 @@ impl QueryRoot {
                 end_cursor,
             },
             total_count: page.total,
-            partners: page.statuses,
+            partners: page.statuses.iter().map(PartnerStatus::from).collect(),
         })
     }
 
@@ -529,7 +529,7 @@ impl QueryRoot {
                 project,
                 filter_fingerprint: query.fingerprint(),
                 filter: serde_json::to_value(&query).unwrap_or_default(),
-                partners: partners.iter().map(AuditedPartner::from_status).collect(),
+                partners: partners.iter().map(AuditedPartner::from_report).collect(),
             });
         }
         let complete = partners
@@ -540,7 +540,7 @@ impl QueryRoot {
             total_is_lower_bound: total.lower_bound,
             total_is_approximate: total.approximate,
             complete,
-            partners,
+            partners: partners.iter().map(PartnerStatus::from).collect(),
         })
     }
 }

@@ -442,12 +442,52 @@ fn level(disclosure: &Disclosure) -> DisclosureLevel {
     }
 }
 
-pub(crate) fn status(search: &PartnerSearch) -> PartnerStatus {
+/// One partner's part in a query, as its path reports it: what the
+/// GraphQL answer shows ([`PartnerStatus`]) and the audit record keeps
+/// ([`crate::request::AuditedPartner`]) are both made from it, and it is
+/// what a partner running its path elsewhere would send back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartnerReport {
+    pub partner: String,
+    pub status: PartnerOutcome,
+    /// Time spent on this partner, in milliseconds.
+    pub latency_ms: u32,
+    pub disclosure: DisclosureLevel,
+    pub deidentification_profile: Option<String>,
+    /// Matching studies as disclosed; absent when suppressed, denied or
+    /// not answered.
+    pub count: Option<u32>,
+    pub count_disclosure: Option<CountDisclosure>,
+    pub reasons: Vec<String>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub cached: bool,
+}
+
+impl From<&PartnerReport> for PartnerStatus {
+    fn from(report: &PartnerReport) -> PartnerStatus {
+        PartnerStatus {
+            partner: ID(report.partner.clone()),
+            status: report.status,
+            latency_ms: report.latency_ms,
+            disclosure: report.disclosure,
+            deidentification_profile: report.deidentification_profile.clone(),
+            count: report.count,
+            count_disclosure: report.count_disclosure,
+            reasons: report.reasons.clone(),
+            code: report.code.clone(),
+            message: report.message.clone(),
+            cached: report.cached,
+        }
+    }
+}
+
+pub(crate) fn report(search: &PartnerSearch) -> PartnerReport {
     let latency_ms =
         saturating_u32(usize::try_from(search.elapsed.as_millis()).unwrap_or(usize::MAX));
     let disclosed = search.disclosed();
-    let mut status = PartnerStatus {
-        partner: ID(search.partner.id.clone()),
+    let mut status = PartnerReport {
+        partner: search.partner.id.clone(),
         status: PartnerOutcome::Ok,
         latency_ms,
         disclosure: level(&search.grant.disclosure),
@@ -646,4 +686,36 @@ fn log_failure(partner: &str, failure: &Failure, phase: &'static str) {
 
 pub(crate) fn saturating_u32(value: usize) -> u32 {
     u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partner_report_travels_as_json_and_shows_as_the_same_status() {
+        let report = PartnerReport {
+            partner: "north".into(),
+            status: PartnerOutcome::Truncated,
+            latency_ms: 42,
+            disclosure: DisclosureLevel::CountsOnly,
+            deidentification_profile: None,
+            count: Some(130),
+            count_disclosure: Some(CountDisclosure::Approximate),
+            reasons: Vec::new(),
+            code: Some("PARTNER_RESULT_CAP".into()),
+            message: Some("capped".into()),
+            cached: true,
+        };
+        let wire = serde_json::to_string(&report).unwrap();
+        assert!(wire.contains(r#""status":"TRUNCATED""#), "{wire}");
+        let back: PartnerReport = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, report);
+        let shown = PartnerStatus::from(&back);
+        assert_eq!(shown.partner, ID("north".into()));
+        assert_eq!(
+            (shown.status, shown.count, shown.cached),
+            (PartnerOutcome::Truncated, Some(130), true)
+        );
+    }
 }

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
+use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome};
+
+use crate::partner::PartnerReport;
 use meshgate_schema::{Principal, Role};
 use serde::Serialize;
 
@@ -192,9 +194,9 @@ pub struct AuditedPartner {
 }
 
 impl AuditedPartner {
-    pub fn from_status(status: &PartnerStatus) -> AuditedPartner {
+    pub fn from_report(status: &PartnerReport) -> AuditedPartner {
         AuditedPartner {
-            partner: status.partner.to_string(),
+            partner: status.partner.clone(),
             status: status.status,
             disclosure: status.disclosure,
             deidentification_profile: status.deidentification_profile.clone(),

@@ -95,8 +95,10 @@ pub struct PolicyError {
     pub message: String,
 }
 
-/// What one partner discloses for one query.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one partner discloses for one query (on the wire: `{"level":
+/// "DEIDENTIFIED", "with": "basic"}` and the like).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "level", content = "with", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Disclosure {
     Denied {
         reasons: Vec<String>,

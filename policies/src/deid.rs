@@ -83,7 +83,9 @@ impl DeidOption {
 }
 
 /// A de-identification profile: the Basic Profile and a set of its options.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+/// On the wire, its name (`basic+retain-device-identity`), parsed back.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Profile {
     options: BTreeSet<DeidOption>,
 }
@@ -94,6 +96,20 @@ pub struct Profile {
     "unknown de-identification option '{0}': use 'basic' and any of retain-longitudinal-modified-dates, retain-patient-characteristics, retain-device-identity"
 )]
 pub struct UnknownOption(pub String);
+
+impl From<Profile> for String {
+    fn from(profile: Profile) -> String {
+        profile.name()
+    }
+}
+
+impl TryFrom<String> for Profile {
+    type Error = UnknownOption;
+
+    fn try_from(name: String) -> Result<Profile, UnknownOption> {
+        Profile::parse(&name)
+    }
+}
 
 impl Profile {
     /// The Basic Profile without options: the strictest.

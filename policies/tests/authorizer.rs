@@ -265,3 +265,28 @@ fn the_same_subject_from_another_issuer_is_another_user() {
         "a bare user id or a subject alone must not let another issuer's alice in"
     );
 }
+
+#[test]
+fn a_decision_travels_as_json_and_comes_back_equal_and_an_unknown_profile_is_refused() {
+    use meshgate_policies::{Disclosure, Profile};
+    let decisions = [
+        Disclosure::Denied {
+            reasons: vec!["not approved".into()],
+        },
+        Disclosure::CountsOnly(Profile::basic()),
+        Disclosure::Deidentified(Profile::parse("basic+retain-device-identity").unwrap()),
+        Disclosure::Identified,
+    ];
+    for decision in decisions {
+        let wire = serde_json::to_string(&decision).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Disclosure>(&wire).unwrap(),
+            decision,
+            "{wire}"
+        );
+    }
+    assert!(
+        serde_json::from_str::<Disclosure>(r#"{"level":"DEIDENTIFIED","with":"basic+keep-names"}"#)
+            .is_err()
+    );
+}

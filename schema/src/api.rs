@@ -82,7 +82,9 @@ pub struct StudyFilter {
 }
 
 /// The kind of store behind a partner's connector.
-#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnectorKind {
     /// A folder of DICOM Part-10 files.
@@ -94,7 +96,9 @@ pub enum ConnectorKind {
 }
 
 /// How one partner's part of a query ended.
-#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PartnerOutcome {
     /// Answered completely.
@@ -121,7 +125,9 @@ pub enum PartnerOutcome {
 }
 
 /// What a partner's policy lets it disclose for a query.
-#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DisclosureLevel {
     /// Nothing.
@@ -135,7 +141,9 @@ pub enum DisclosureLevel {
 }
 
 /// How a partner's count was disclosed.
-#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CountDisclosure {
     /// The true count.

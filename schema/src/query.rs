@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::Date;
 
@@ -17,7 +17,8 @@ pub const MAX_STUDY_UIDS: usize = 1000;
 pub const MAX_DESCRIPTION_LEN: usize = 64;
 
 /// An inclusive range of study dates; either end may be open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DateRange {
     pub from: Option<Date>,
     pub to: Option<Date>,
@@ -30,7 +31,8 @@ impl DateRange {
 }
 
 /// An inclusive range of ages in whole years; either end may be open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgeRange {
     pub min: Option<u16>,
     pub max: Option<u16>,
@@ -44,7 +46,11 @@ impl AgeRange {
 
 /// A validated, normalised cohort filter. Every part that is set must hold
 /// for a study to match; an empty filter matches every study.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+///
+/// Its JSON form is the wire form between processes; what arrives is
+/// checked by the same rules as a GraphQL filter (and refused otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "Unchecked")]
 pub struct StudyQuery {
     /// The study has a series of one of these modalities (empty: any).
     pub modalities: BTreeSet<Modality>,
@@ -60,6 +66,106 @@ pub struct StudyQuery {
     pub study_uids: BTreeSet<String>,
     /// Partner ids to ask (empty: all). Resolved by the gateway, not connectors.
     pub partners: BTreeSet<String>,
+}
+
+/// A [`StudyQuery`] as it arrives, before its checks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Unchecked {
+    modalities: BTreeSet<Modality>,
+    body_part: Option<String>,
+    study_date: Option<DateRange>,
+    description: Option<String>,
+    patient_sex: Option<PatientSex>,
+    patient_age: Option<AgeRange>,
+    study_uids: BTreeSet<String>,
+    partners: BTreeSet<String>,
+}
+
+impl TryFrom<Unchecked> for StudyQuery {
+    type Error = QueryError;
+
+    fn try_from(wire: Unchecked) -> Result<StudyQuery, QueryError> {
+        if let Some(DateRange {
+            from: Some(from),
+            to: Some(to),
+        }) = wire.study_date
+            && from > to
+        {
+            return Err(QueryError::InvertedDateRange { from, to });
+        }
+        if let Some(range) = wire.patient_age {
+            let (min, max) = (range.min.unwrap_or(0), range.max.unwrap_or(150));
+            if min.max(max) > 150 {
+                return Err(QueryError::AgeOutOfRange(i32::from(min.max(max))));
+            }
+            if min > max {
+                return Err(QueryError::InvertedAgeRange {
+                    min: i32::from(min),
+                    max: i32::from(max),
+                });
+            }
+        }
+        let normalised = |text: Option<&String>, check: fn(&str) -> Result<String, QueryError>| {
+            text.map(|t| {
+                check(t).and_then(|n| {
+                    if &n == t {
+                        Ok(n)
+                    } else {
+                        Err(QueryError::NotNormalised)
+                    }
+                })
+            })
+            .transpose()
+        };
+        Ok(StudyQuery {
+            modalities: wire.modalities,
+            body_part: normalised(wire.body_part.as_ref(), body_part)?,
+            study_date: wire.study_date,
+            description: normalised(wire.description.as_ref(), description)?,
+            patient_sex: wire.patient_sex,
+            patient_age: wire.patient_age,
+            study_uids: study_uids(wire.study_uids)?,
+            partners: wire.partners,
+        })
+    }
+}
+
+/// A body part as a filter names it: trimmed, upper case, 1 to 16 of
+/// A–Z, 0–9, space or underscore.
+fn body_part(part: &str) -> Result<String, QueryError> {
+    let part = part.trim().to_ascii_uppercase();
+    let valid = !part.is_empty()
+        && part.len() <= 16
+        && part
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '_');
+    valid.then_some(part).ok_or(QueryError::InvalidBodyPart)
+}
+
+/// A description needle: trimmed, lower case, 1 to
+/// [`MAX_DESCRIPTION_LEN`] characters, no control characters.
+fn description(text: &str) -> Result<String, QueryError> {
+    let text = text.trim().to_lowercase();
+    if text.is_empty()
+        || text.chars().count() > MAX_DESCRIPTION_LEN
+        || text.chars().any(char::is_control)
+    {
+        Err(QueryError::InvalidDescription)
+    } else {
+        Ok(text)
+    }
+}
+
+/// At most [`MAX_STUDY_UIDS`] DICOM UIDs.
+fn study_uids(uids: BTreeSet<String>) -> Result<BTreeSet<String>, QueryError> {
+    if uids.len() > MAX_STUDY_UIDS {
+        return Err(QueryError::TooManyUids);
+    }
+    if !uids.iter().all(|uid| is_dicom_uid(uid)) {
+        return Err(QueryError::InvalidUid);
+    }
+    Ok(uids)
 }
 
 /// Why a filter was refused. Each maps to the stable code `INVALID_FILTER`.
@@ -81,6 +187,9 @@ pub enum QueryError {
     TooManyUids,
     #[error("unknown partner '{0}'")]
     UnknownPartner(String),
+    /// A query from another process with a value not in its normal form.
+    #[error("a filter value is not in its normal form")]
+    NotNormalised,
 }
 
 impl QueryError {
@@ -129,48 +238,16 @@ impl TryFrom<StudyFilter> for StudyQuery {
                 .filter(|r| r.min.is_some() || r.max.is_some())
             }
         };
-        let body_part = filter
-            .body_part
-            .map(|part| {
-                let part = part.trim().to_ascii_uppercase();
-                let valid = !part.is_empty()
-                    && part.len() <= 16
-                    && part.chars().all(|c| {
-                        c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '_'
-                    });
-                if valid {
-                    Ok(part)
-                } else {
-                    Err(QueryError::InvalidBodyPart)
-                }
-            })
-            .transpose()?;
-        let description = filter
-            .description
-            .map(|text| {
-                let text = text.trim().to_lowercase();
-                if text.is_empty()
-                    || text.chars().count() > MAX_DESCRIPTION_LEN
-                    || text.chars().any(char::is_control)
-                {
-                    Err(QueryError::InvalidDescription)
-                } else {
-                    Ok(text)
-                }
-            })
-            .transpose()?;
-        let study_uids: BTreeSet<String> = filter
-            .study_instance_uids
-            .unwrap_or_default()
-            .into_iter()
-            .map(|uid| uid.trim().to_owned())
-            .collect();
-        if study_uids.len() > MAX_STUDY_UIDS {
-            return Err(QueryError::TooManyUids);
-        }
-        if !study_uids.iter().all(|uid| is_dicom_uid(uid)) {
-            return Err(QueryError::InvalidUid);
-        }
+        let body_part = filter.body_part.as_deref().map(body_part).transpose()?;
+        let description = filter.description.as_deref().map(description).transpose()?;
+        let study_uids = study_uids(
+            filter
+                .study_instance_uids
+                .unwrap_or_default()
+                .into_iter()
+                .map(|uid| uid.trim().to_owned())
+                .collect(),
+        )?;
         Ok(StudyQuery {
             modalities: filter.modalities.unwrap_or_default().into_iter().collect(),
             body_part,

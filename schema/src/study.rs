@@ -133,7 +133,8 @@ impl PatientSex {
 }
 
 /// One study, as reported by a partner.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Study {
     pub uid: String,
     pub patient_id: Option<String>,
@@ -158,7 +159,8 @@ pub struct Study {
 }
 
 /// One series of a study.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Series {
     pub uid: String,
     pub number: Option<u32>,
@@ -173,7 +175,8 @@ pub struct Series {
 }
 
 /// One SOP instance of a series.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Instance {
     pub uid: String,
     pub sop_class: Option<String>,
