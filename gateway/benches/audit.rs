@@ -32,7 +32,7 @@ use meshgate_gateway::dev_issuer::DevIssuer;
 use meshgate_gateway::request::{AuditRecord, AuditedAccess, AuditedPartner, RequestContext};
 use meshgate_gateway::synth::{SynthSpec, synthesise};
 use meshgate_gateway::{build_app, start};
-use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome};
+use meshgate_schema::{CountDisclosure, DisclosureLevel, PartnerOutcome};
 use serde_json::json;
 use tower::ServiceExt;
 

@@ -16,9 +16,10 @@ use meshgate_policies::released::Withheld;
 use meshgate_policies::{
     CellKeys, CountControl, Deidentifier, DisclosedCount, Disclosure, Profile,
 };
-use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerStatus};
+use meshgate_schema::api::PartnerStatus;
 use meshgate_schema::fhir::MappingOptions;
 use meshgate_schema::{Caller, Study, StudyQuery};
+use meshgate_schema::{CountDisclosure, DisclosureLevel, PartnerOutcome};
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use meshgate_schema::api::{CountDisclosure, DisclosureLevel, PartnerOutcome};
+use meshgate_schema::{CountDisclosure, DisclosureLevel, PartnerOutcome};
 
 use crate::partner::PartnerReport;
 use meshgate_schema::{Principal, Role};

@@ -9,6 +9,7 @@ use time::Date;
 use time::macros::format_description;
 
 use crate::capabilities::Capabilities;
+use crate::report::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
 use crate::study::{Modality, PatientSex};
 
 /// A calendar date, `YYYY-MM-DD`.
@@ -79,81 +80,6 @@ pub struct StudyFilter {
     pub study_instance_uids: Option<Vec<String>>,
     /// Ask only these partners (by id).
     pub partners: Option<Vec<ID>>,
-}
-
-/// The kind of store behind a partner's connector.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ConnectorKind {
-    /// A folder of DICOM Part-10 files.
-    Files,
-    /// A DICOMweb (QIDO-RS) service.
-    Dicomweb,
-    /// An AWS HealthImaging data store, through its native API.
-    HealthImaging,
-}
-
-/// How one partner's part of a query ended.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum PartnerOutcome {
-    /// Answered completely.
-    Ok,
-    /// Answered, but the backend's result cap was hit: there may be more.
-    Truncated,
-    /// Did not answer within its deadline.
-    Timeout,
-    /// Could not be reached.
-    Unavailable,
-    /// Answered with an error.
-    Error,
-    /// Not asked: its policies refuse this query (see `reasons`).
-    Denied,
-    /// Not asked: it failed repeatedly and its circuit breaker is open.
-    CircuitOpen,
-    /// Not asked: the query filters on an attribute this partner's
-    /// de-identification profile removes, so it cannot be evaluated on
-    /// what the partner releases (code `FILTER_ON_REMOVED_ATTRIBUTE`).
-    Withheld,
-    /// Not asked: the caller has spent this partner's query budget for the
-    /// project in the current window (code `QUERY_BUDGET_EXHAUSTED`).
-    BudgetExhausted,
-}
-
-/// What a partner's policy lets it disclose for a query.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum DisclosureLevel {
-    /// Nothing.
-    Denied,
-    /// A count, under count disclosure control; no records.
-    CountsOnly,
-    /// Records de-identified under the profile its policy chose.
-    Deidentified,
-    /// Records as held (a partner's own staff, where its policy grants it).
-    Identified,
-}
-
-/// How a partner's count was disclosed.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum CountDisclosure {
-    /// The true count.
-    Exact,
-    /// Perturbed (cell-key method) and/or rounded: close to the true count,
-    /// and the same whenever the same studies are counted.
-    Approximate,
-    /// Below the partner's threshold: not disclosed (neither the number nor
-    /// whether it is zero).
-    Suppressed,
 }
 
 /// One partner's part in a query.

@@ -3,9 +3,8 @@
 use serde::Serialize;
 
 /// A kind of cohort filter, as far as push-down is concerned.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 pub enum FilterKind {
     Modality,
     BodyPart,
@@ -29,7 +28,8 @@ impl FilterKind {
 }
 
 /// How a backend pages through results.
-#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 pub enum PagingStyle {
     /// Everything is answered locally in one step.
     None,
@@ -42,7 +42,8 @@ pub enum PagingStyle {
 
 /// What a connector's backend can do itself; everything else the connector
 /// does after fetching.
-#[derive(async_graphql::SimpleObject, Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct Capabilities {
     /// Filters the backend applies natively (pushed down).
     pub native_filters: Vec<FilterKind>,
@@ -79,9 +80,8 @@ impl Capabilities {
 }
 
 /// A QIDO-RS behaviour the capability probe measures.
-#[derive(
-    async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 pub enum ProbedFeature {
     /// `limit` caps the rows returned.
     Limit,
@@ -108,7 +108,8 @@ pub enum ProbedFeature {
 }
 
 /// What the probe found for one feature.
-#[derive(async_graphql::SimpleObject, Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::SimpleObject))]
 pub struct ProbeFinding {
     pub feature: ProbedFeature,
     /// `null` when the store holds too little to tell; the profile's

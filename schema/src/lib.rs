@@ -11,19 +11,28 @@
 //!   attributes through [`dicom::DicomAttributes`];
 //! - [`fhir::imaging_study`]: the DICOM → FHIR ImagingStudy mapping;
 //! - [`principal::Principal`]: the verified caller;
-//! - [`api`]: the GraphQL input and output types; the committed SDL is
-//!   `schema/meshgate.graphql`.
+//! - [`report`]: how a partner's part in a query ended and what it disclosed;
+//! - `api` (feature `graphql`, which the gateway turns on): the GraphQL
+//!   input and output types; the committed SDL is `schema/meshgate.graphql`.
+//!   Without the feature nothing here depends on async-graphql, so
+//!   connectors and policies do not compile against the API technology.
+//!
+//! Queries, studies and reports are serde types: their JSON is the wire
+//! form between processes, and a query that arrives is checked by the same
+//! rules as a GraphQL filter.
 
+#[cfg(feature = "graphql")]
 pub mod api;
 pub mod capabilities;
 pub mod dicom;
 pub mod fhir;
 pub mod principal;
 pub mod query;
+pub mod report;
 pub mod study;
 
-pub use api::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
 pub use capabilities::{Capabilities, FilterKind, PagingStyle, ProbeFinding, ProbedFeature};
 pub use principal::{Caller, Principal, Role};
 pub use query::{AgeRange, DateRange, QueryError, StudyQuery};
+pub use report::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
 pub use study::{Instance, Modality, PatientSex, Series, Study};

@@ -1,12 +1,10 @@
 //! Who is asking: the verified caller as every part of meshgate sees it.
 
-use async_graphql::{ComplexObject, Context, Enum, SimpleObject};
 use serde::{Deserialize, Serialize};
 
 /// What a caller does in the consortium.
-#[derive(
-    Enum, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Queries cohorts under approved research projects.
@@ -44,8 +42,12 @@ pub struct Caller {
 }
 
 /// A caller whose bearer token was verified, as the gateway sees them.
-#[derive(SimpleObject, Debug, Clone, PartialEq, Eq, Serialize, Default)]
-#[graphql(complex)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[cfg_attr(
+    feature = "graphql",
+    derive(async_graphql::SimpleObject),
+    graphql(complex)
+)]
 pub struct Principal {
     /// The token's issuer.
     pub issuer: String,
@@ -66,12 +68,13 @@ pub struct Principal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveSnapshot(pub String);
 
-#[ComplexObject]
+#[cfg(feature = "graphql")]
+#[async_graphql::ComplexObject]
 impl Principal {
     /// The content hash of the configuration and policies (without secret
     /// values) that decide this request: the same hash its audit record
     /// names.
-    async fn snapshot(&self, ctx: &Context<'_>) -> Option<String> {
+    async fn snapshot(&self, ctx: &async_graphql::Context<'_>) -> Option<String> {
         ctx.data_opt::<ActiveSnapshot>().map(|s| s.0.clone())
     }
 }

@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::Date;
 
-use crate::api::StudyFilter;
 use crate::capabilities::FilterKind;
 use crate::study::{Modality, PatientSex, Study};
 
@@ -197,10 +196,11 @@ impl QueryError {
     pub const CODE: &'static str = "INVALID_FILTER";
 }
 
-impl TryFrom<StudyFilter> for StudyQuery {
+#[cfg(feature = "graphql")]
+impl TryFrom<crate::api::StudyFilter> for StudyQuery {
     type Error = QueryError;
 
-    fn try_from(filter: StudyFilter) -> Result<StudyQuery, QueryError> {
+    fn try_from(filter: crate::api::StudyFilter) -> Result<StudyQuery, QueryError> {
         let study_date = match filter.study_date {
             None => None,
             Some(range) => {
@@ -369,10 +369,12 @@ impl StudyQuery {
     }
 }
 
+// The filter's rules as the GraphQL API applies them.
 #[cfg(test)]
+#[cfg(feature = "graphql")]
 mod tests {
     use super::*;
-    use crate::api::{AgeRangeInput, DateRangeInput, IsoDate};
+    use crate::api::{AgeRangeInput, DateRangeInput, IsoDate, StudyFilter};
     use time::macros::date;
 
     fn ct_chest_2019() -> Study {

@@ -12,20 +12,9 @@ use crate::dicom::{
 };
 
 /// The acquisition modalities a cohort filter can name (DICOM CID 29).
-#[derive(
-    async_graphql::Enum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 pub enum Modality {
     /// Computed tomography
     Ct,
@@ -92,20 +81,9 @@ impl fmt::Display for Modality {
 }
 
 /// Patient's sex as DICOM (0010,0040) records it.
-#[derive(
-    async_graphql::Enum,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 pub enum PatientSex {
     Female,
     Male,
