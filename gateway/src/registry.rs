@@ -256,10 +256,13 @@ impl Registry {
             Arc::clone(&old.authenticator)
         } else {
             reloaded.issuers_changed = true;
-            Arc::new(
+            let authenticator = Arc::new(
                 Authenticator::new(loaded.issuers.clone())
                     .map_err(|error| ReloadError::Build(error.to_string()))?,
-            )
+            );
+            // The new issuers' keys before they serve, as at start-up.
+            authenticator.warm_up().await;
+            authenticator
         };
         // New and changed partners are probed before they serve, as at
         // start-up.

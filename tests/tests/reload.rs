@@ -403,6 +403,45 @@ async fn unchanged_partners_keep_their_cache_and_invalid_configurations_are_refu
     );
     assert!(refused >= 3, "{refused}");
 
+    // The trusted issuers change with a reload: the partner's own issuer
+    // is dropped, and its researchers' tokens are refused from then on.
+    let partner_token = gateway.partner_issuer.token(
+        &json!({
+            "sub": "eastbrook-researcher",
+            "institution": meshgate_tests::PARTNER_ISSUER_INSTITUTION,
+            "roles": ["researcher"],
+            "projects": ["ground-truth"],
+        }),
+        Duration::from_secs(600),
+    );
+    let me = "{ me { subject snapshot } }";
+    setup.write(all);
+    gateway.registry.reload().await.unwrap();
+    assert_eq!(
+        gateway.post_as(Some(&partner_token), me, json!({})).await.0,
+        200
+    );
+    let mut one_issuer = setup.table(all);
+    one_issuer["auth"]["issuers"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(1);
+    write_atomically(&setup.file, &toml::to_string(&one_issuer).unwrap());
+    let reloaded = gateway.registry.reload().await.unwrap();
+    assert!(reloaded.issuers_changed);
+    assert_eq!(reloaded.kept, ["a", "b", "c"], "issuers change no partner");
+    assert_eq!(
+        gateway.post_as(Some(&partner_token), me, json!({})).await.0,
+        401
+    );
+    let (status, body) = gateway.post(me, json!({})).await;
+    assert_eq!(
+        (status, &body["data"]["me"]["snapshot"]),
+        (200, &json!(reloaded.snapshot))
+    );
+    setup.write(next);
+    gateway.registry.reload().await.unwrap();
+
     // A part read only at start-up is not changed by a reload.
     let mut restart = setup.table(next);
     restart.insert(
