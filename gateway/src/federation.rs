@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use meshgate_policies::{CellKeys, Total};
+use meshgate_schema::PartnerReport;
 use meshgate_schema::{Caller, Study, StudyQuery};
 use time::{Date, PrimitiveDateTime, Time};
 use tokio::time::Instant;
@@ -24,8 +25,8 @@ use tokio::time::Instant;
 use crate::budget::QueryBudgets;
 use crate::cache::AnswerCache;
 use crate::partner::{
-    Asking, FoundStudy, Grant, Partner, PartnerCheck, PartnerReport, PartnerSearch, check_partners,
-    report, saturating_u32,
+    Asking, FoundStudy, Grant, Partner, PartnerCheck, PartnerSearch, check_partners, report,
+    saturating_u32,
 };
 
 /// What the policies decided for one query.

@@ -10,7 +10,7 @@ use meshgate_policies::deid::{AGE_CAP, ShiftBasis};
 use meshgate_policies::{AdminAction, Authorizer, Deidentifier, MasterKey};
 use meshgate_schema::api::{
     CohortCount, Deidentification, ImagingStudyConnection, ImagingStudyNode, PageInfo, Partner,
-    PartnerStatus, PatientSummary, StudyFilter,
+    PatientSummary, StudyFilter,
 };
 use meshgate_schema::fhir::{imaging_study, started_text};
 use meshgate_schema::principal::ActiveSnapshot;
@@ -508,7 +508,7 @@ impl QueryRoot {
                 end_cursor,
             },
             total_count: page.total,
-            partners: page.statuses.iter().map(PartnerStatus::from).collect(),
+            partners: page.statuses,
         })
     }
 
@@ -540,7 +540,7 @@ impl QueryRoot {
             total_is_lower_bound: total.lower_bound,
             total_is_approximate: total.approximate,
             complete,
-            partners: partners.iter().map(PartnerStatus::from).collect(),
+            partners,
         })
     }
 }

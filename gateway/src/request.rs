@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use meshgate_schema::{CountDisclosure, DisclosureLevel, PartnerOutcome};
 
-use crate::partner::PartnerReport;
+use meshgate_schema::PartnerReport;
 use meshgate_schema::{Principal, Role};
 use serde::Serialize;
 

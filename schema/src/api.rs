@@ -9,7 +9,7 @@ use time::Date;
 use time::macros::format_description;
 
 use crate::capabilities::Capabilities;
-use crate::report::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
+use crate::report::{ConnectorKind, PartnerReport};
 use crate::study::{Modality, PatientSex};
 
 /// A calendar date, `YYYY-MM-DD`.
@@ -82,33 +82,6 @@ pub struct StudyFilter {
     pub partners: Option<Vec<ID>>,
 }
 
-/// One partner's part in a query.
-#[derive(SimpleObject, Debug, Clone, PartialEq)]
-pub struct PartnerStatus {
-    pub partner: ID,
-    pub status: PartnerOutcome,
-    /// Time spent on this partner, in milliseconds.
-    pub latency_ms: u32,
-    /// What this partner's policy lets it disclose for this query.
-    pub disclosure: DisclosureLevel,
-    /// The de-identification profile of its records, when DEIDENTIFIED.
-    pub deidentification_profile: Option<String>,
-    /// Matching studies, as disclosed (see `countDisclosure`); absent when
-    /// suppressed, denied or the partner did not answer.
-    pub count: Option<u32>,
-    pub count_disclosure: Option<CountDisclosure>,
-    /// Why the partner refused, when DENIED: what to change to be allowed.
-    pub reasons: Vec<String>,
-    /// A stable code for what went wrong, when something did.
-    pub code: Option<String>,
-    /// What went wrong, for people; never upstream bodies or identifiers.
-    pub message: Option<String>,
-    /// True when the partner's answer was reused from meshgate's cache (at
-    /// most its `ttl_seconds` old) instead of asked for again. Cached
-    /// answers are the caller's own: never another caller's.
-    pub cached: bool,
-}
-
 /// How a study was de-identified.
 #[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct Deidentification {
@@ -171,7 +144,7 @@ pub struct ImagingStudyConnection {
     /// Studies that can be paged through: those of partners that answered
     /// and release records.
     pub total_count: u32,
-    pub partners: Vec<PartnerStatus>,
+    pub partners: Vec<PartnerReport>,
 }
 
 /// How many studies match, in total and per partner.
@@ -185,7 +158,7 @@ pub struct CohortCount {
     pub total_is_approximate: bool,
     /// True when every partner asked answered completely.
     pub complete: bool,
-    pub partners: Vec<PartnerStatus>,
+    pub partners: Vec<PartnerReport>,
 }
 
 /// A partner of the consortium and its connector.

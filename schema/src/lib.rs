@@ -34,5 +34,5 @@ pub mod study;
 pub use capabilities::{Capabilities, FilterKind, PagingStyle, ProbeFinding, ProbedFeature};
 pub use principal::{Caller, Principal, Role};
 pub use query::{AgeRange, DateRange, QueryError, StudyQuery};
-pub use report::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome};
+pub use report::{ConnectorKind, CountDisclosure, DisclosureLevel, PartnerOutcome, PartnerReport};
 pub use study::{Instance, Modality, PatientSex, Series, Study};

@@ -72,3 +72,49 @@ pub enum CountDisclosure {
     /// whether it is zero).
     Suppressed,
 }
+
+// As the partner's path reports it: the GraphQL answer shows it (as
+// `PartnerStatus`), the audit record keeps it, and a partner running its
+// path elsewhere sends it back.
+/// One partner's part in a query.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(
+    feature = "graphql",
+    derive(async_graphql::SimpleObject),
+    graphql(name = "PartnerStatus", complex)
+)]
+pub struct PartnerReport {
+    /// The partner's id (`partner` in the API).
+    #[cfg_attr(feature = "graphql", graphql(skip))]
+    pub partner: String,
+    pub status: PartnerOutcome,
+    /// Time spent on this partner, in milliseconds.
+    pub latency_ms: u32,
+    /// What this partner's policy lets it disclose for this query.
+    pub disclosure: DisclosureLevel,
+    /// The de-identification profile of its records, when DEIDENTIFIED.
+    pub deidentification_profile: Option<String>,
+    /// Matching studies, as disclosed (see `countDisclosure`); absent when
+    /// suppressed, denied or the partner did not answer.
+    pub count: Option<u32>,
+    pub count_disclosure: Option<CountDisclosure>,
+    /// Why the partner refused, when DENIED: what to change to be allowed.
+    pub reasons: Vec<String>,
+    /// A stable code for what went wrong, when something did.
+    pub code: Option<String>,
+    /// What went wrong, for people; never upstream bodies or identifiers.
+    pub message: Option<String>,
+    /// True when the partner's answer was reused from meshgate's cache (at
+    /// most its `ttl_seconds` old) instead of asked for again. Cached
+    /// answers are the caller's own: never another caller's.
+    pub cached: bool,
+}
+
+#[cfg(feature = "graphql")]
+#[async_graphql::ComplexObject]
+impl PartnerReport {
+    /// The partner's id.
+    async fn partner(&self) -> async_graphql::ID {
+        async_graphql::ID(self.partner.clone())
+    }
+}
