@@ -13,7 +13,6 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::join_all;
 use meshgate_policies::{CellKeys, Total};
@@ -24,10 +23,7 @@ use tokio::time::Instant;
 
 use crate::budget::QueryBudgets;
 use crate::cache::AnswerCache;
-use crate::partner::{
-    Asking, FoundStudy, Grant, Partner, PartnerCheck, PartnerSearch, check_partners, report,
-    saturating_u32,
-};
+use crate::partner::{Asking, FoundStudy, Grant, Partner, PartnerSearch, report, saturating_u32};
 
 /// What the policies decided for one query.
 #[derive(Debug, Clone)]
@@ -136,11 +132,6 @@ impl Federation {
     /// The partner `id`, if it is one.
     pub fn partner(&self, id: &str) -> Option<&Arc<Partner>> {
         self.partners.iter().find(|p| p.id == id)
-    }
-
-    /// Connects to every partner at once and probes what it supports.
-    pub async fn check(&self, timeout: Duration) -> Vec<PartnerCheck> {
-        check_partners(&self.partners, timeout).await
     }
 
     /// The partners a query asks: those it names, or all.

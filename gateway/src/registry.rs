@@ -164,11 +164,6 @@ impl Registry {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The configuration file a reload reads.
-    pub fn source(&self) -> &std::path::Path {
-        &self.source
-    }
-
     /// Reads the configuration and policies again and puts them in force,
     /// rebuilding only what changed; refused (and counted) when they are
     /// not valid or change a part read at start-up only.
